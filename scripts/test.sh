@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: set up, then run the whole suite against a real Azurite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k worker -x
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$repo/scripts/setup.sh"
+cd "$repo"
+exec .venv/bin/python -m pytest "$@"
