@@ -3,39 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from azure.storage.queue import QueueClient, QueueServiceClient
+from azure.storage.queue import QueueClient
 
 REPO = Path(__file__).resolve().parent.parent
-AZURITE_BIN = REPO / "node_modules" / ".bin" / "azurite-queue"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "scripts"))
 
+from local_azurite import connection_string, free_port, start_azurite, stop, wait_for_port  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+__all__ = ["Azurite", "free_port", "wait_for_port"]
 
 
 @dataclass(frozen=True)
@@ -44,13 +27,7 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        return (
-            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-            f"AccountKey={AZURITE_KEY};QueueEndpoint=http://127.0.0.1:{self.port}/devstoreaccount1;"
-        )
-
-    def service(self) -> QueueServiceClient:
-        return QueueServiceClient.from_connection_string(self.connection_string)
+        return connection_string(self.port)
 
     def queue(self, name: str) -> QueueClient:
         return QueueClient.from_connection_string(self.connection_string, name)
@@ -58,26 +35,14 @@ class Azurite:
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    if not AZURITE_BIN.exists():
-        pytest.fail(f"{AZURITE_BIN} is missing: run scripts/test.sh (it runs npm ci) or `npm ci` in the repo")
-    port = free_port()
     workdir = tmp_path_factory.mktemp("azurite")
-    log = (workdir / "azurite.log").open("wb")
-    proc = subprocess.Popen(
-        [str(AZURITE_BIN), "--queueHost", "127.0.0.1", "--queuePort", str(port), "--inMemoryPersistence",
-         "--skipApiVersionCheck", "--loose", "--location", str(workdir)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_for_port(port)
-        yield Azurite(port)
-    finally:
-        proc.terminate()
+    with (workdir / "azurite.log").open("wb") as log:
+        port = free_port()
+        proc = start_azurite(port, workdir, log)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            yield Azurite(port)
+        finally:
+            stop(proc)
 
 
 @pytest.fixture
@@ -92,16 +57,17 @@ def queue(azurite: Azurite, queue_name: str) -> QueueClient:
     return client
 
 
-@pytest.fixture
-def cli_env(azurite: Azurite) -> dict[str, str]:
-    """Environment for a `spot-supervisor` child process aimed at the test Azurite."""
+def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
+    """Environment for a child process (worker or supervisor) aimed at the test Azurite.
+
+    events.source is "none" unless a test says otherwise: the real IMDS address
+    is never contacted from tests.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
-    env["SPOT_QUEUE_CONNECTION_STRING"] = azurite.connection_string
-    env["SPOT_EVENTS_SOURCE"] = "none"
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update({"SPOT_QUEUE_CONNECTION_STRING": azurite.connection_string, "SPOT_EVENTS_SOURCE": "none",
+                "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])})
+    env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
     return env
 
 
-def spot_supervisor_cmd() -> list[str]:
-    exe = shutil.which("spot-supervisor", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "supervisor"]
+AZURE_FIXTURES = REPO.parent / "shared" / "fixtures" / "azure"

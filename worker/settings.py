@@ -106,7 +106,6 @@ class StartupSettings:
     wait_for_provisioning: bool = False
     arm_endpoint: str = "https://management.azure.com"
     provisioning_timeout_s: float = 900.0
-    queue_auth_retry_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -124,8 +123,11 @@ class Settings:
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings) if f.name != "source"}
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (if any), apply environment overrides, validate."""
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+                  require_queue: bool = True) -> Settings:
+    """Read the TOML file (if any), apply environment overrides, validate.
+
+    require_queue=False is for commands that never touch the queue (`plan`)."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if path is not None:
@@ -137,7 +139,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
             raise ConfigError(section, "must be a table")
     values = {name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in SECTIONS.items()}
     settings = Settings(**values, source=str(path) if path else "defaults")
-    validate(settings)
+    validate(settings, require_queue)
     return settings
 
 
@@ -222,9 +224,9 @@ def _require(condition: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
-def validate(s: Settings) -> None:
+def validate(s: Settings, require_queue: bool = True) -> None:
     q = s.queue
-    _require(bool(q.connection_string or q.account_url), "queue.connection_string",
+    _require(bool(q.connection_string or q.account_url) or not require_queue, "queue.connection_string",
              "required: set queue.connection_string (keys, Azurite) or queue.account_url (managed identity)")
     _require(not (q.connection_string and q.account_url), "queue.account_url",
              "set either queue.connection_string or queue.account_url, not both")
@@ -274,8 +276,6 @@ def validate(s: Settings) -> None:
              f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
     _require(s.startup.provisioning_timeout_s > 0, "startup.provisioning_timeout_s",
              f"must be greater than 0, got {s.startup.provisioning_timeout_s}")
-    _require(s.startup.queue_auth_retry_s >= 0, "startup.queue_auth_retry_s",
-             f"must be 0 or more, got {s.startup.queue_auth_retry_s}")
 
 
 def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:

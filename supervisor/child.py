@@ -1,0 +1,64 @@
+"""What runs in a forked worker process, before and around the worker's own loop."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterable
+
+from worker.control import Channel
+from worker.logs import setup_logging
+from worker.process import WorkerProcess
+from worker.settings import Settings
+from worker.telemetry import setup_telemetry
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGQUIT when the supervisor dies, however it died.
+
+    SIGQUIT, not SIGKILL: the worker releases what it holds at once instead of
+    leaving it invisible until the lease runs out. The control channel's EOF
+    is the second line of defence.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: rely on the channel EOF and the ppid check
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
+              inherited: Iterable[int], attributes: dict[str, str]) -> None:
+    """Never returns: exits the process with the worker's exit code."""
+    code = 1
+    try:
+        die_with_parent(parent_pid)
+        for fd in inherited:  # the supervisor's ends of every channel: keep them and EOF never comes
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        setup_logging(settings.telemetry.log_level, f"worker-{index}")
+        telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index)})
+        try:
+            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid).run()
+        finally:
+            telemetry.shutdown()
+    except BaseException:  # anything unexpected in a child is logged, then the supervisor decides
+        logging.getLogger(__name__).exception("worker %d failed", index)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,37 @@
+"""`python -m worker --config PATH`: one standalone worker process, no supervisor.
+
+Handy for debugging a handler; production runs `spot-supervisor run`.
+SIGTERM/SIGINT drain within shutdown.drain_timeout_s, SIGQUIT releases at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from worker.process import EX_CONFIG, WorkerProcess
+from worker.logs import setup_logging
+from worker.settings import ConfigError, load_settings
+from worker.telemetry import setup_telemetry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML settings file (SPOT_<SECTION>_<KEY> variables override it)")
+    parser.add_argument("--threads", type=int, default=1, help="consumer threads (default 1)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(settings.telemetry.log_level, "worker")
+    telemetry = setup_telemetry(settings.telemetry, "worker")
+    try:
+        return WorkerProcess(settings, telemetry, threads=max(1, args.threads)).run()
+    finally:
+        telemetry.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

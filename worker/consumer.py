@@ -1,0 +1,275 @@
+"""One consumer loop: receive a batch, run the handler per message, settle each message.
+
+A message leaves the queue only by delete after its handler returned, or by a
+move to the poison queue. Everything else (failure, interruption, drain,
+crash) leaves it on the queue to be received again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from azure.storage.queue import QueueClient, QueueMessage
+
+from worker.context import Context, DrainSignal
+from worker.lease import Lease, LeaseState, LeaseTable
+from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
+from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
+from worker.settings import QueueSettings
+
+log = logging.getLogger(__name__)
+handler_log = logging.getLogger("worker.handler")
+
+OUTCOMES = ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost")
+
+
+class TelemetryHooks(Protocol):
+    def message_span(self, message_id: str, dequeue_count: int, queue: str) -> Any: ...
+    def record_message(self, outcome: str, duration_s: float) -> None: ...
+    def inflight(self, delta: int) -> None: ...
+
+
+@dataclass
+class Counters:
+    by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    running: int = 0
+    receiving: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, outcome: str) -> None:
+        with self.lock:
+            self.by_outcome[outcome] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {**self.by_outcome, "running": self.running}
+
+
+@dataclass
+class Shared:
+    """What every consumer thread of one worker process shares."""
+
+    settings: QueueSettings
+    handler: Callable[[Message, Context], Any]
+    telemetry: TelemetryHooks
+    codec: Codec
+    leases: LeaseTable = field(default_factory=LeaseTable)
+    drain: DrainSignal = field(default_factory=DrainSignal)
+    stop_receiving: threading.Event = field(default_factory=threading.Event)
+    counters: Counters = field(default_factory=Counters)
+    _poison: QueueClient | None = None
+    _poison_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def poison_client(self) -> QueueClient:
+        with self._poison_lock:
+            if self._poison is None:
+                client = make_queue_client(self.settings, self.settings.poison_name)
+                ensure_queue(client)
+                self._poison = client
+            return self._poison
+
+
+class Backoff:
+    """Exponential delay with jitter, for empty polls and for queue errors."""
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.current = 0.0
+
+    def next(self) -> float:
+        self.current = self.first_s if self.current == 0 else min(self.max_s, self.current * 2)
+        return self.current * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+def retry_delay_s(settings: QueueSettings, failures: int) -> int:
+    """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
+    delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
+    return max(1, round(delay * random.uniform(0.8, 1.2)))
+
+
+class Consumer:
+    def __init__(self, shared: Shared, index: int = 0) -> None:
+        self.shared = shared
+        self.index = index
+        self.settings = shared.settings
+        self.client = make_queue_client(self.settings)
+        self.idle = Backoff(0.05, self.settings.idle_poll_max_s)
+        self.errors = Backoff(0.5, 60.0)
+
+    def run(self) -> None:
+        stop = self.shared.stop_receiving
+        if self.index == 0:
+            self.create_queue()
+        while not stop.is_set():
+            try:
+                batch = self.receive_batch()
+            except Exception as exc:
+                delay = self.errors.next()
+                if is_auth_error(exc):
+                    log.warning("queue %s refused access (%s): the identity needs the Storage Queue Data Contributor role, "
+                                "or its assignment has not propagated yet; retrying in %.1fs", self.settings.name, describe(exc), delay)
+                else:
+                    log.warning("receiving from queue %s failed (%s); retrying in %.1fs", self.settings.name, describe(exc), delay)
+                stop.wait(delay)
+                continue
+            self.errors.reset()
+            if batch is None:
+                stop.wait(self.idle.next())
+                continue
+            self.idle.reset()
+            self.run_batch(batch)
+
+    def receive_batch(self) -> list[tuple[Lease, Message, int]] | None:
+        """Receive and register leases (counted as `receiving` throughout, so a drain
+        never takes a just-received message for nothing held). None when the queue was empty."""
+        counters = self.shared.counters
+        with counters.lock:
+            counters.receiving += 1
+        try:
+            received = self.receive()
+            if not received:
+                return None
+            return [opened for opened in map(self.open, received) if opened is not None]
+        finally:
+            with counters.lock:
+                counters.receiving -= 1
+
+    def create_queue(self) -> None:
+        try:
+            ensure_queue(self.client)
+        except Exception as exc:  # receive retries with backoff and says why; creating it is a convenience
+            log.warning("could not create queue %s (%s); using it as it is", self.settings.name, describe(exc))
+
+    def receive(self) -> list[QueueMessage]:
+        n = self.settings.batch_size
+        pages = self.client.receive_messages(
+            messages_per_page=n, max_messages=n, visibility_timeout=self.settings.visibility_timeout_s
+        ).by_page()
+        page = next(pages, None)  # exactly one Get Messages call
+        return list(page) if page is not None else []
+
+    def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
+        if self.shared.stop_receiving.is_set():
+            for lease, _, _ in batch:  # received after the drain began: give them straight back
+                self.settle_release(lease, "released")
+            return
+        for lease, message, prior_failures in batch:
+            if lease.start():  # False: a drain released it meanwhile
+                self.run_handler(lease, message, prior_failures)
+
+    def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
+        """Lease and Message for a received message, or None when it went straight to poison."""
+        text = qm.content or ""
+        try:
+            envelope, body = self.shared.codec.open(text)
+        except UndecodableMessage as exc:
+            lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt, Envelope(text), self.settings.visibility_timeout_s)
+            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}")
+            return None
+        lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt, envelope, self.settings.visibility_timeout_s)
+        dequeue_count = qm.dequeue_count or 1
+        prior_failures = max(0, dequeue_count - 1 - envelope.releases)
+        if prior_failures >= self.settings.max_dequeue_count:
+            # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
+            self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})")
+            return None
+        self.shared.leases.add(lease)
+        return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
+
+    def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
+        shared = self.shared
+        ctx = Context(lease, shared.codec, shared.drain, handler_log)
+        with shared.counters.lock:
+            shared.counters.running += 1
+        shared.telemetry.inflight(1)
+        started = time.perf_counter()
+        outcome = "failed"
+        try:
+            with shared.telemetry.message_span(message.id, message.dequeue_count, self.settings.name):
+                outcome = self.call_handler(message, ctx)
+            if outcome == "succeeded":
+                self.settle(lease, outcome, lease.delete)
+            elif outcome == "interrupted":
+                self.settle_release(lease, outcome)
+            else:
+                self.settle_failure(lease, prior_failures + 1)
+        finally:
+            with shared.counters.lock:
+                shared.counters.running -= 1
+            shared.telemetry.inflight(-1)
+            shared.telemetry.record_message(outcome, time.perf_counter() - started)
+
+    def call_handler(self, message: Message, ctx: Context) -> str:
+        try:
+            self.shared.handler(message, ctx)
+        except Interrupted:
+            return "interrupted"
+        except Exception as exc:
+            handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
+                                message.dequeue_count, type(exc).__name__, exc, exc_info=True)
+            return "failed"
+        return "succeeded"
+
+    def settle(self, lease: Lease, outcome: str, action: Callable[[], bool]) -> None:
+        """Run the final queue call for a message; a lost lease or a queue error leaves it on the queue."""
+        try:
+            done = action()
+        except Exception as exc:
+            log.warning("could not settle message %s as %s (%s); it reappears after its lease", lease.id, outcome, describe(exc))
+            lease.finish_without_call()
+            done = False
+        self.shared.leases.remove(lease)
+        self.shared.counters.add(outcome if done else "lease_lost")
+
+    def settle_release(self, lease: Lease, outcome: str) -> None:
+        self.settle(lease, outcome, lease.release)
+
+    def settle_failure(self, lease: Lease, failures: int) -> None:
+        if failures >= self.settings.max_dequeue_count:
+            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})")
+            return
+        self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)))
+
+    def poison(self, lease: Lease, reason: str) -> None:
+        """Copy the original text to <name>-poison, then delete: never the other way round."""
+        def move() -> bool:
+            self.shared.poison_client().send_message(lease.envelope.original)
+            return lease.delete()
+
+        log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
+        self.settle(lease, "poisoned", move)
+
+
+def release_pending(shared: Shared) -> int:
+    """Give back every received-but-unstarted message at once (visibility 0); returns how many."""
+    released = 0
+    for lease in shared.leases.snapshot():
+        if lease.state is LeaseState.PENDING and lease.release(only_if_pending=True):
+            shared.leases.remove(lease)
+            shared.counters.add("released")
+            released += 1
+    return released
+
+
+def release_all(shared: Shared) -> int:
+    """At the deadline: give back everything, running handlers' messages included, keeping their checkpoints."""
+    released = 0
+    for lease in shared.leases.snapshot():
+        try:
+            if lease.release():
+                released += 1
+                shared.counters.add("released")
+        except Exception as exc:
+            log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
+        shared.leases.remove(lease)
+    return released

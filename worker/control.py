@@ -1,0 +1,73 @@
+"""The control channel between the supervisor and one worker: JSON lines over a socketpair.
+
+supervisor → worker: {"kind": "drain", "deadline": epoch_s}, {"kind": "abandon"}
+worker → supervisor: {"kind": "ready"}, {"kind": "stats", ...counts},
+                     {"kind": "draining", "at": epoch_s} (stopped receiving),
+                     {"kind": "drained", ...counts}, {"kind": "fatal", "code": n, "error": text}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self._buffer = b""
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, kind: str, **fields: Any) -> bool:
+        """Best effort: False when the other side is gone."""
+        if self.closed:
+            return False
+        data = json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode() + b"\n"
+        try:
+            self.sock.setblocking(True)
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            self.closed = True
+            return False
+        finally:
+            if not self.closed:
+                self.sock.setblocking(False)
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Every complete message available now; sets `closed` on EOF."""
+        while not self.closed:
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.closed = True
+                break
+            if not chunk:
+                self.closed = True
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.warning("control channel: ignoring malformed line %r", line[:200])
+                continue
+            if isinstance(message, dict) and isinstance(message.get("kind"), str):
+                messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()

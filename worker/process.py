@@ -1,0 +1,144 @@
+"""A worker process's main loop: signals and control messages in, drain and exit out.
+
+Used by the supervisor's forked children (with a control channel) and by
+`python -m worker` (standalone, signals only). Signal handlers only record;
+this loop acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from types import FrameType
+from typing import Any
+
+from worker.control import Channel
+from worker.handler import HandlerImportError
+from worker.runtime import WorkerRuntime
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EX_CONFIG = 78
+STATS_INTERVAL_S = 1.0
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, telemetry: Any, threads: int = 1, channel: Channel | None = None,
+                 parent_pid: int | None = None) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        self.threads = threads
+        self.channel = channel
+        self.parent_pid = parent_pid
+        self.signals: list[int] = []
+        self.deadline: float | None = None
+        self.drain_started: float | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    def _record_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def install_signals(self) -> None:
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+            signal.signal(sig, self._record_signal)
+        if self.channel is not None:
+            # Ctrl-C reaches the whole process group: the supervisor coordinates, workers wait for its word.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def run(self) -> int:
+        self.install_signals()
+        try:
+            runtime = WorkerRuntime(self.settings, self.telemetry, self.threads)
+        except HandlerImportError as exc:
+            log.error("%s", exc)
+            self._send("fatal", code=EX_CONFIG, error=str(exc))
+            return EX_CONFIG
+        runtime.start()
+        self._send("ready", threads=self.threads)
+        try:
+            self._loop(runtime)
+        finally:
+            runtime.close()
+        stats = runtime.stats()
+        log.info("worker exiting: %s", _format_counts(stats))
+        self._send("drained", abandoned=runtime.abandoned, **stats)
+        return 0
+
+    def _loop(self, runtime: WorkerRuntime) -> None:
+        next_stats = 0.0
+        while True:
+            self._wait_for_input()
+            self._act_on_signals(runtime)
+            self._act_on_control(runtime)
+            now = time.time()
+            if self.deadline is not None:
+                if runtime.idle():
+                    return
+                if now >= self.deadline:
+                    runtime.abandon()
+                    return
+            if self.channel is not None and now >= next_stats:
+                self._send("stats", **runtime.stats())
+                next_stats = now + STATS_INTERVAL_S
+
+    def _wait_for_input(self) -> None:
+        readable: list[int] = [self._wake_r]
+        if self.channel is not None and not self.channel.closed:
+            readable.append(self.channel.fileno())
+        timeout = 0.05 if self.deadline is not None else 0.5
+        try:
+            ready, _, _ = select.select(readable, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+
+    def _act_on_signals(self, runtime: WorkerRuntime) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGQUIT:
+                log.info("SIGQUIT: releasing held messages and exiting")
+                self.begin_drain(runtime, time.time())
+            else:
+                log.info("%s: draining (up to %.0fs)", signal.Signals(signum).name, self.settings.shutdown.drain_timeout_s)
+                self.begin_drain(runtime, time.time() + self.settings.shutdown.drain_timeout_s)
+
+    def _act_on_control(self, runtime: WorkerRuntime) -> None:
+        if self.channel is None:
+            return
+        for message in self.channel.receive():
+            if message["kind"] == "drain":
+                self.begin_drain(runtime, float(message.get("deadline") or time.time()))
+            elif message["kind"] == "abandon":
+                self.begin_drain(runtime, time.time())
+        orphaned = self.parent_pid is not None and os.getppid() != self.parent_pid
+        if self.channel.closed or orphaned:
+            if self.deadline is None or self.deadline > time.time():
+                log.warning("supervisor is gone: releasing held messages and exiting")
+                self.begin_drain(runtime, time.time())
+
+    def begin_drain(self, runtime: WorkerRuntime, deadline: float) -> None:
+        if self.deadline is not None and deadline >= self.deadline:
+            return
+        self.deadline = deadline
+        if self.drain_started is None:
+            self.drain_started = time.time()
+        runtime.drain(deadline)
+        self._send("draining", at=runtime.stopped_receiving_at, deadline=deadline)
+
+    def _send(self, kind: str, **fields: Any) -> None:
+        if self.channel is not None:
+            self.channel.send(kind, pid=os.getpid(), **fields)
+
+
+def _format_counts(stats: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if v)  or "nothing processed"

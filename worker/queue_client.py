@@ -1,0 +1,65 @@
+"""Azure Storage Queue clients from settings, and the error shapes we act on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.queue import ExponentialRetry, QueueClient
+
+from worker.settings import QueueSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_queue_client(settings: QueueSettings, name: str | None = None) -> QueueClient:
+    """A client with no encode/decode policy: this package encodes message text itself,
+    so an undecodable message can be moved to poison with its exact original text."""
+    kwargs: dict[str, Any] = {
+        "connection_timeout": min(10.0, settings.request_timeout_s),
+        "read_timeout": settings.request_timeout_s,
+        # The SDK's default waits 15 s before its first retry: far too long when a
+        # drain may be waiting on this call. Our own loops back off on top of this.
+        "retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=3, random_jitter_range=0.5),
+    }
+    if settings.api_version:
+        kwargs["api_version"] = settings.api_version
+    queue_name = name or settings.name
+    if settings.connection_string:
+        return QueueClient.from_connection_string(settings.connection_string, queue_name, **kwargs)
+    from azure.identity import ManagedIdentityCredential
+
+    credential = ManagedIdentityCredential(client_id=settings.client_id or None)
+    return QueueClient(settings.account_url, queue_name, credential=credential, **kwargs)
+
+
+def ensure_queue(client: QueueClient) -> None:
+    try:
+        client.create_queue()
+    except ResourceExistsError:
+        pass
+
+
+def is_lease_lost(exc: Exception) -> bool:
+    """True when an update/delete failed because our pop receipt is no longer valid:
+    the message was deleted, or its lease expired and someone else received it."""
+    if isinstance(exc, ResourceNotFoundError):
+        return True
+    if isinstance(exc, HttpResponseError):
+        code = getattr(exc, "error_code", None) or ""
+        return code in ("MessageNotFound", "PopReceiptMismatch") or exc.status_code == 404
+    return False
+
+
+def is_auth_error(exc: Exception) -> bool:
+    return isinstance(exc, HttpResponseError) and exc.status_code in (401, 403)
+
+
+def describe(exc: Exception) -> str:
+    """One line for a log: status and service error code when there is one."""
+    if isinstance(exc, HttpResponseError):
+        code = getattr(exc, "error_code", None)
+        first = (exc.message or "").splitlines()[0] if exc.message else type(exc).__name__
+        return f"HTTP {exc.status_code} {code or ''}: {first}".replace("  ", " ")
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]

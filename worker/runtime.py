@@ -1,0 +1,93 @@
+"""One worker process's consumers: T consumer threads, a lease keeper, drain and abandon."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from worker.consumer import Consumer, Shared, TelemetryHooks, release_all, release_pending
+from worker.handler import load_handler
+from worker.lease import LeaseKeeper
+from worker.message import Codec
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RECEIVE_GRACE_S = 2.0
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, telemetry: TelemetryHooks, threads: int = 1) -> None:
+        """Raises HandlerImportError when the handler cannot be imported."""
+        handler = load_handler(settings.workload.handler)
+        self.settings = settings
+        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding))
+        self.threads_wanted = threads
+        self.consumer_threads: list[threading.Thread] = []
+        self._keeper_stop = threading.Event()
+        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop)
+        self.stopped_receiving_at: float | None = None
+        self.abandoned = False
+
+    def start(self) -> None:
+        self.keeper.start()
+        for index in range(self.threads_wanted):
+            consumer = Consumer(self.shared, index)
+            thread = threading.Thread(target=self._run_consumer, args=(consumer,), name=f"consumer-{index}", daemon=True)
+            thread.start()
+            self.consumer_threads.append(thread)
+
+    def _run_consumer(self, consumer: Consumer) -> None:
+        try:
+            consumer.run()
+        except BaseException:
+            log.exception("consumer %d crashed; its held messages reappear after their lease", consumer.index)
+            raise
+
+    def drain(self, deadline: float) -> int:
+        """Stop receiving, release unstarted messages, let running handlers see ctx.draining."""
+        self.shared.drain.start(deadline)
+        if not self.shared.stop_receiving.is_set():
+            self.shared.stop_receiving.set()
+            self.stopped_receiving_at = time.time()
+        released = release_pending(self.shared)
+        if released:
+            log.info("drain: released %d unstarted message(s)", released)
+        return released
+
+    def abandon(self) -> int:
+        """Deadline reached: release everything still held (checkpoints kept) so another VM takes it now."""
+        self.drain(time.time())
+        self.abandoned = True
+        released = release_all(self.shared)
+        if released:
+            log.warning("deadline: released %d message(s) whose handlers were still running", released)
+        return released
+
+    def idle(self) -> bool:
+        """After a drain: nothing held and no handler running.
+
+        A receive still in flight is waited for a little (what it returns is
+        released at once), but not for long: when the queue is failing, the SDK's
+        retries must not hold the drain until the deadline.
+        """
+        if not any(t.is_alive() for t in self.consumer_threads):
+            return True
+        counts = self.shared.counters
+        with counts.lock:
+            busy = counts.running > 0 or len(self.shared.leases) > 0
+            receiving = counts.receiving > 0
+        if busy:
+            return False
+        waited = time.time() - (self.stopped_receiving_at or time.time())
+        return not receiving or waited >= RECEIVE_GRACE_S
+
+    def close(self) -> None:
+        self._keeper_stop.set()
+
+    def stats(self) -> dict[str, Any]:
+        counts = self.shared.counters.snapshot()
+        counts["held"] = len(self.shared.leases)
+        return counts

@@ -1,0 +1,421 @@
+"""OpenTelemetry for one process: traces, metrics and logs to Application Insights.
+
+Call `setup_telemetry` in each process *after* it was forked, never before, and
+`Telemetry.shutdown` on every clean exit. The providers are held by the
+`Telemetry` object and never installed as OpenTelemetry globals, so a forked
+child cannot trip over what it inherited from its parent.
+
+Without a connection string nothing is exported and nothing touches the
+network: the tracer and meter are OpenTelemetry's no-op ones, so the calling
+code is the same and a message costs about two microseconds.
+
+A `Telemetry` inherited across `os.fork` is inert in the child: its log handler
+is detached and its exporters drop whatever the SDK's own after-fork threads
+hand them, so the parent's buffered data is never sent twice or under the
+child's name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from time import time_ns
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from worker.settings import ConfigError, TelemetrySettings
+
+__all__ = ["MESSAGE_OUTCOMES", "Telemetry", "setup_telemetry"]
+
+log = logging.getLogger(__name__)
+
+SCOPE = "spot-supervisor"
+METRIC_EXPORT_INTERVAL_MS = 60_000
+MESSAGE_OUTCOMES = ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost")
+MESSAGING_SYSTEM = "azure_storage_queue"
+# Our own loggers: exported from INFO (or telemetry.log_level if higher); everything else from WARNING.
+OWN_LOGGERS = ("supervisor", "worker")
+# Seconds, for handler and drain durations (Application Insights keeps count/sum/min/max only).
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# The exporter's own switches: statsbeat / SDK stats are extra metrics and threads that phone Microsoft,
+# the control plane polls settings.sdk.monitor.azure.com. Off unless the operator set them explicitly.
+EXPORTER_ENV_DEFAULTS = {
+    "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+    "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",
+    "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+}
+# Log records from these never go back into the log exporter (no feedback loop on export errors).
+_QUIET_LOGGERS = ("opentelemetry", "azure.monitor.opentelemetry")
+_EXPORT_THREADS = ("OtelBatch", "OtelPeriodicExportingMetricReader", "spot-telemetry-shutdown")
+
+
+class Telemetry:
+    """Providers, instruments and hot-path helpers of one process. Build it with `setup_telemetry`."""
+
+    def __init__(self, settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> None:
+        self.role = role
+        self.pid = os.getpid()
+        self.exporting = bool(settings.connection_string)
+        self.benign_exceptions: tuple[type[BaseException], ...] = ()
+        self.resource = Resource.create({
+            **(attributes or {}),
+            "service.name": settings.service_name,
+            "service.instance.id": f"{socket.gethostname()}:{self.pid}",
+            "host.name": socket.gethostname(),
+            "process.pid": self.pid,
+            "spot.role": role,
+        })
+        self._lock = threading.Lock()
+        self._closed = False
+        self._log_handler: _LogHandler | None = None
+
+        self.tracer_provider: TracerProvider | None = None
+        self.meter_provider: MeterProvider | None = None
+        self.logger_provider: LoggerProvider | None = None
+        if self.exporting:
+            self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
+            span_exporter, metric_exporter, log_exporter = _azure_exporters(settings.connection_string, self.tracer_provider)
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(_ForkSafeSpanExporter(span_exporter)))
+            reader = PeriodicExportingMetricReader(_ForkSafeMetricExporter(metric_exporter),
+                                                   export_interval_millis=METRIC_EXPORT_INTERVAL_MS)
+            self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader], shutdown_on_exit=False)
+            self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
+            self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(_ForkSafeLogExporter(log_exporter)))
+            own_level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
+            self._log_handler = _LogHandler(self.logger_provider, own_level)
+            logging.getLogger().addHandler(self._log_handler)
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
+            os.register_at_fork(after_in_child=_abandon_in_child(weakref.ref(self)))
+            self.tracer: trace.Tracer = self.tracer_provider.get_tracer(SCOPE)
+            self.meter: metrics.Meter = self.meter_provider.get_meter(SCOPE)
+        else:
+            # The API's no-op tracer and meter: the same calls, well under a microsecond each, nothing leaves.
+            self.tracer = trace.NoOpTracer()
+            self.meter = metrics.NoOpMeter(SCOPE)
+        m = self.meter
+        self._processed = m.create_counter("spot.messages.processed", unit="{message}",
+                                           description="Messages whose handling ended, by outcome")
+        self._handler_duration = m.create_histogram("spot.handler.duration", unit="s", description="Handler run time",
+                                                    explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self._inflight = m.create_up_down_counter("spot.messages.inflight", unit="{message}",
+                                                  description="Messages received and not yet settled")
+        self._drain_duration = m.create_histogram("spot.drain.duration", unit="s", description="Drain start to idle",
+                                                  explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self._eviction_notices = m.create_counter("spot.eviction.notices", unit="{event}",
+                                                  description="Scheduled Events for this VM that start a drain")
+        self._respawns = m.create_counter("spot.worker.respawns", unit="{process}",
+                                          description="Worker processes started again after they exited")
+        self._imds_errors = m.create_counter("spot.imds.errors", unit="{request}",
+                                             description="Failed Instance Metadata Service requests")
+        self._outcome_attrs = {o: {"outcome": o} for o in MESSAGE_OUTCOMES}
+
+    # -- hot path ---------------------------------------------------------------------------------
+
+    def message_span(self, message_id: str, dequeue_count: int, queue: str) -> _MessageSpan:
+        """`with telemetry.message_span(...) as span:` -- span "process message" (CONSUMER), current
+        for the handler run. An exception is recorded on it and re-raised; the span is marked failed
+        unless the exception is an instance of `benign_exceptions` (set it to (worker.Interrupted,)).
+        """
+        return _MessageSpan(self, {
+            "messaging.system": MESSAGING_SYSTEM,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": queue,
+            "messaging.message.id": message_id,
+            # Application Insights drops messaging.* from customDimensions; keep the useful ones.
+            "spot.queue": queue,
+            "spot.message.id": message_id,
+            "spot.message.dequeue_count": dequeue_count,
+        })
+
+    def record_message(self, outcome: str, duration_s: float) -> None:
+        """One message settled: counter spot.messages.processed and histogram spot.handler.duration."""
+        attrs = self._outcome_attrs.get(outcome) or {"outcome": outcome}
+        self._processed.add(1, attrs)
+        self._handler_duration.record(duration_s, attrs)
+
+    def inflight(self, delta: int) -> None:
+        self._inflight.add(delta)
+
+    # -- supervisor -------------------------------------------------------------------------------
+
+    def record_drain(self, duration_s: float, reason: str) -> None:
+        self._drain_duration.record(duration_s, {"reason": reason})
+
+    def record_eviction_notice(self, event_type: str) -> None:
+        self._eviction_notices.add(1, {"event_type": event_type})
+
+    def record_worker_respawn(self, reason: str = "exited") -> None:
+        self._respawns.add(1, {"reason": reason})
+
+    def record_imds_error(self, kind: str) -> None:
+        self._imds_errors.add(1, {"kind": kind})
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Flush and shut down every provider, within about timeout_s. Idempotent; never raises."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._detach_log_handler()
+            if not self.exporting:
+                return
+            # Exports are HTTP calls that may hang on a dead network: never let them hold up an exit.
+            closer = threading.Thread(target=self._close, args=(timeout_s,), name="spot-telemetry-shutdown", daemon=True)
+            closer.start()
+            closer.join(timeout_s)
+            if closer.is_alive():
+                log.debug("telemetry shutdown still busy after %.1fs; not waiting", timeout_s)
+        except Exception:  # never let telemetry break an exit
+            log.debug("telemetry shutdown failed", exc_info=True)
+
+    def _close(self, timeout_s: float) -> None:
+        ms = int(timeout_s * 1000)
+        tracer_provider, meter_provider, logger_provider = self.tracer_provider, self.meter_provider, self.logger_provider
+        if tracer_provider is None or meter_provider is None or logger_provider is None:
+            return
+        steps: list[tuple[str, Any]] = [
+            ("flush traces", lambda: tracer_provider.force_flush(ms)),
+            ("flush logs", lambda: logger_provider.force_flush(ms)),
+            ("shut down traces", tracer_provider.shutdown),
+            ("shut down logs", logger_provider.shutdown),
+            # The metric reader collects and exports once more when shut down: that is its flush.
+            ("shut down metrics", lambda: meter_provider.shutdown(timeout_millis=ms)),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.debug("telemetry: %s failed", what, exc_info=True)
+
+    def _detach_log_handler(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler = None
+
+    def _abandon(self) -> None:
+        """In a forked child: this object belongs to the parent. Stop feeding it; never flush it."""
+        self._closed = True
+        self._detach_log_handler()
+
+
+class _MessageSpan:
+    """Context manager of `Telemetry.message_span` (a class, not a generator: it is on the hot path)."""
+
+    __slots__ = ("_telemetry", "_attributes", "_span", "_token")
+
+    def __init__(self, telemetry: Telemetry, attributes: dict[str, Any]) -> None:
+        self._telemetry = telemetry
+        self._attributes = attributes
+
+    def __enter__(self) -> Span:
+        span = self._telemetry.tracer.start_span("process message", kind=SpanKind.CONSUMER, attributes=self._attributes)
+        self._span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        span = self._span
+        if exc is not None and span.is_recording():
+            span.record_exception(exc)
+            if not isinstance(exc, self._telemetry.benign_exceptions):
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        otel_context.detach(self._token)
+        span.end()
+
+
+def setup_telemetry(settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> Telemetry:
+    """Telemetry for this process (call after fork). role: "supervisor" or "worker".
+
+    attributes go on the resource (e.g. {"host.name": vm_name, "spot.vm.size": size, "spot.worker.index": "3"}).
+    Raises ConfigError for a connection string the exporter rejects.
+    """
+    _drop_inherited_handlers()
+    return Telemetry(settings, role, attributes)
+
+
+# -- exporters ------------------------------------------------------------------------------------
+
+
+def _azure_exporters(connection_string: str, tracer_provider: TracerProvider) -> tuple[SpanExporter, MetricExporter, LogRecordExporter]:
+    from azure.core.pipeline.policies import SansIOHTTPPolicy
+    from azure.monitor.opentelemetry.exporter import (
+        AzureMonitorLogExporter,
+        AzureMonitorMetricExporter,
+        AzureMonitorTraceExporter,
+    )
+
+    for name, value in EXPORTER_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # Its INFO lines ("Transmission succeeded ...") would otherwise reach stderr after every export.
+    exporter_logger = logging.getLogger("azure.monitor.opentelemetry.exporter")
+    if exporter_logger.level == logging.NOTSET:
+        exporter_logger.setLevel(logging.WARNING)
+    options: dict[str, Any] = {
+        "disable_offline_storage": True,  # no retry files under /tmp: a Spot VM's disk goes with it
+        "timeout": 10.0,  # connection timeout, and the total time budget of azure-core's HTTP retries
+        "retry_total": 3,
+        "http_logging_policy": SansIOHTTPPolicy(),  # no INFO lines per request from azure.core
+    }
+    try:
+        return (
+            # Without tracer_provider it looks up the *global* provider for the resource on every export.
+            AzureMonitorTraceExporter.from_connection_string(connection_string, tracer_provider=tracer_provider, **options),
+            AzureMonitorMetricExporter.from_connection_string(connection_string, **options),
+            AzureMonitorLogExporter.from_connection_string(connection_string, **options),
+        )
+    except ValueError as exc:
+        raise ConfigError("telemetry.connection_string",
+                          f"not a valid Application Insights connection string ({exc})") from None
+
+
+class _ForkSafeSpanExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner, self._pid = inner, os.getpid()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._inner.export(spans) if os.getpid() == self._pid else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        if os.getpid() == self._pid:
+            self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
+
+
+class _ForkSafeMetricExporter(MetricExporter):
+    def __init__(self, inner: MetricExporter) -> None:
+        super().__init__(preferred_temporality=inner._preferred_temporality,  # noqa: SLF001 - the reader reads these too
+                         preferred_aggregation=inner._preferred_aggregation)  # noqa: SLF001
+        self._inner, self._pid = inner, os.getpid()
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        if os.getpid() != self._pid:
+            return MetricExportResult.SUCCESS
+        return self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        if os.getpid() == self._pid:
+            self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+class _ForkSafeLogExporter(LogRecordExporter):
+    def __init__(self, inner: LogRecordExporter) -> None:
+        self._inner, self._pid = inner, os.getpid()
+
+    def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
+        return self._inner.export(batch) if os.getpid() == self._pid else LogRecordExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        if os.getpid() == self._pid:
+            self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+_SEVERITY = {logging.DEBUG: SeverityNumber.DEBUG, logging.INFO: SeverityNumber.INFO, logging.WARNING: SeverityNumber.WARN,
+             logging.ERROR: SeverityNumber.ERROR, logging.CRITICAL: SeverityNumber.FATAL}
+_SEVERITY_TEXT = {"WARNING": "WARN", "CRITICAL": "FATAL"}
+
+
+class _LogHandler(logging.Handler):
+    """Root-logger handler to the OTel logger provider (the SDK's LoggingHandler is deprecated).
+
+    Our own loggers ("supervisor", "worker") from `own_level`, everything else from WARNING;
+    never the telemetry pipeline's own records, so an export error cannot feed itself.
+    """
+
+    def __init__(self, provider: LoggerProvider, own_level: int) -> None:
+        super().__init__(level=min(own_level, logging.WARNING))
+        self.pid = os.getpid()
+        self._provider = provider
+        self._own_level = own_level
+
+    def _wanted(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        own = name in OWN_LOGGERS or name.startswith(("supervisor.", "worker."))
+        if record.levelno < (self._own_level if own else logging.WARNING):
+            return False
+        if name.startswith(_QUIET_LOGGERS) or (record.threadName or "").startswith(_EXPORT_THREADS):
+            return False
+        return os.getpid() == self.pid
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._wanted(record):
+            return
+        try:
+            attributes: dict[str, Any] = {
+                "code.file.path": record.pathname,
+                "code.function.name": record.funcName,
+                "code.line.number": record.lineno,
+            }
+            if record.exc_info and record.exc_info[0] is not None:
+                exc_type, exc, _ = record.exc_info
+                attributes["exception.type"] = exc_type.__name__
+                attributes["exception.message"] = str(exc)
+                attributes["exception.stacktrace"] = self.formatter.formatException(record.exc_info) if self.formatter \
+                    else logging.Formatter().formatException(record.exc_info)
+            self._provider.get_logger(record.name).emit(
+                timestamp=int(record.created * 1e9),
+                observed_timestamp=time_ns(),
+                context=otel_context.get_current(),
+                severity_number=_SEVERITY.get(record.levelno, SeverityNumber.UNSPECIFIED),
+                severity_text=_SEVERITY_TEXT.get(record.levelname, record.levelname),
+                body=record.getMessage(),
+                attributes=attributes,
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _drop_inherited_handlers() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _LogHandler) and handler.pid != os.getpid():
+            root.removeHandler(handler)
+
+
+# -- fork and exit --------------------------------------------------------------------------------
+
+
+def _abandon_in_child(ref: weakref.ref[Telemetry]) -> Any:
+    def after_in_child() -> None:
+        telemetry = ref()
+        if telemetry is not None:
+            telemetry._abandon()  # noqa: SLF001
+
+    return after_in_child
+
+
+def _shutdown_at_exit(ref: weakref.ref[Telemetry]) -> None:
+    """Backstop for an exit that skipped shutdown(); only in the process that built the object."""
+    telemetry = ref()
+    if telemetry is not None and telemetry.pid == os.getpid():
+        telemetry.shutdown(timeout_s=2.0)
