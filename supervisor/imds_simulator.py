@@ -38,7 +38,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,9 @@ class ImdsSimulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, vm_name: str = "vm-spot-07",
                  vm_size: str = "Standard_D2s_v3", priority: str = "Spot", eviction_policy: str | None = None,
                  location: str = "eastus2", resource_group: str = "rg-vmspot", vm_scale_set_name: str = "",
-                 notice_s: float = 30.0) -> None:
+                 notice_s: float = 30.0, on_ack: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.host = host
+        self.on_ack = on_ack  # called in the request's thread before the ack is answered
         self.port = port
         self.vm_name = vm_name
         self.vm_size = vm_size
@@ -290,8 +291,11 @@ class ImdsSimulator:
 
     def acknowledge(self, body: Any, raw: str, headers: dict[str, str]) -> list[str]:
         now = time.time()
+        record = {"time": now, "body": body, "raw": raw, "headers": headers}
+        if self.on_ack is not None:
+            self.on_ack(record)
         with self._lock:
-            self._state.acks.append({"time": now, "body": body, "raw": raw, "headers": headers})
+            self._state.acks.append(record)
             self._advance(now)
             requested = {r["EventId"] for r in body["StartRequests"]}
             started = []

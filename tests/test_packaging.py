@@ -146,7 +146,9 @@ def test_package_is_versioned_from_pyproject_and_self_contained(archive_v1: Path
         unit = tar.extractfile("./spot-supervisor.service").read()  # type: ignore[union-attr]
         config = tar.extractfile("./config/default.toml").read()  # type: ignore[union-attr]
         mode = tar.getmember("./orchestrate.sh").mode
+        requirements = tar.extractfile("./requirements.txt").read().decode()  # type: ignore[union-attr]
     assert {"BUILD_INFO", "orchestrate.sh", "spot-supervisor.service", "config/default.toml"} <= names
+    assert requirements == f"spot-supervisor=={VERSION}\n"
     assert mode & 0o111
     assert info["version"] == VERSION and info["python"] == "%d.%d" % sys.version_info[:2]
     assert unit == UNIT.read_bytes() and config == (REPO / "config" / "default.toml").read_bytes()
