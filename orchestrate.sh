@@ -21,7 +21,8 @@
 # Layout: /opt/spot-supervisor/<version>/ (a virtualenv installed from the package's
 # wheelhouse with --no-index), /opt/spot-supervisor/current -> <version> (and
 # previous -> the version before, kept by -g, which prunes any older one),
-# /etc/spot-supervisor/config.toml and env (created once, never overwritten),
+# /etc/spot-supervisor/config.toml and env (created once, never overwritten;
+# made 0640 root:spot-supervisor),
 # /etc/systemd/system/spot-supervisor.service (replaced by each install/upgrade).
 # Every action is idempotent. Exit status: 0 done, 1 failed, 2 usage error.
 set -euo pipefail
@@ -187,14 +188,9 @@ link_target() {
 }
 
 install_config() {
-  if [[ ! -d "$etc" ]]; then
-    mkdir -p -- "$etc"
-    chmod 0750 -- "$etc"
-    own "$etc"
-  fi
+  mkdir -p -- "$etc"
   if [[ ! -e "$etc/config.toml" ]]; then
     install -m 0640 -- "$pkg/config/default.toml" "$etc/config.toml"
-    own "$etc/config.toml"
     log "wrote $etc/config.toml (edit it; upgrades keep it)"
   fi
   if [[ ! -e "$etc/env" ]]; then
@@ -206,13 +202,13 @@ install_config() {
 #   SPOT_STARTUP_WAIT_FOR_PROVISIONING=true
 #   APPLICATIONINSIGHTS_CONNECTION_STRING=InstrumentationKey=...
 EOF
-    chmod 0640 -- "$etc/env"
-    own "$etc/env"
   fi
-}
-
-own() {
-  if [[ "$root_mode" == false ]]; then chown "root:$NAME" -- "$@"; fi
+  # Contents are never touched, but the service must read them and nobody
+  # else may (they can hold a connection string), also when cloud-init or an
+  # operator wrote them before the install.
+  chmod 0750 -- "$etc"
+  chmod 0640 -- "$etc/config.toml" "$etc/env"
+  if [[ "$root_mode" == false ]]; then chown "root:$NAME" -- "$etc" "$etc/config.toml" "$etc/env"; fi
 }
 
 install_unit() {

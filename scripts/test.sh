@@ -4,5 +4,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
+bash "$repo/scripts/ci-deps.sh"
 cd "$repo"
 exec .venv/bin/python -m pytest "$@"

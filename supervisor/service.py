@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
 from supervisor.eviction import Decision, EvictionPolicy
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info
@@ -93,7 +94,13 @@ def run_service(config_path: str | None) -> int:
     for reason in plan.reasons:
         log.info("plan: %s", reason)
     if settings.startup.wait_for_provisioning:
-        wait_until_provisioned(settings, facts)
+        from supervisor.provisioning import ProvisioningTimeout
+
+        try:
+            wait_until_provisioned(settings, facts)
+        except ProvisioningTimeout as exc:  # exit 1, not 78: systemd restarts the unit and the gate tries again
+            log.error("%s", exc)
+            return 1
     attributes = {"spot.vm.name": facts.vm_name, "spot.vm.size": facts.vm_size or ""}
     telemetry = setup_telemetry(settings.telemetry, "supervisor", attributes)
 
@@ -122,5 +129,8 @@ def wait_until_provisioned(settings: Settings, facts: VmFacts) -> None:
     if facts.instance is None or not facts.instance.resource_id:
         log.warning("startup.wait_for_provisioning: no resourceId from instance metadata; starting without the gate")
         return
+    log.info("waiting until Azure reports %s provisioned (up to %.0fs)", facts.instance.resource_id,
+             settings.startup.provisioning_timeout_s)
+    sdnotify.status("waiting for provisioningState Succeeded")
     wait_for_provisioning(facts.instance.resource_id, settings.startup.arm_endpoint, settings.startup.provisioning_timeout_s,
                           client_id=settings.queue.client_id or None)

@@ -1,7 +1,8 @@
 """Handlers for tests/test_supervisor.py.
 
 If SUP_EVENTS names a file, every handler call appends JSON lines to it:
-{"event": "start" | "done" | "interrupted", "id", "pid", "dequeue_count", "t"}
+{"event": "start" | "done" | "interrupted", "id", "pid", "dequeue_count", "t"} (a start also
+has "draining": ctx.draining at that moment)
 ("done" is written just before returning, i.e. before the message is deleted).
 
 Body: JSON such as {"s": 1.5, "cooperative": true}: sleep `s` seconds in small
@@ -37,7 +38,7 @@ def sleepy(message: Message, ctx: Context) -> None:
     params = json.loads(message.body)
     seconds = float(params.get("s", 0.5))
     cooperative = bool(params.get("cooperative", False))
-    _emit("start", message)
+    _emit("start", message, draining=ctx.draining)  # True: started although a drain had begun
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         if cooperative and ctx.draining:

@@ -10,15 +10,21 @@ systemd-analyze and shellcheck checks skip when the tool is absent
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+from azure.storage.queue import QueueClient
+
+from conftest import Azurite
 
 from worker.settings import ShutdownSettings
 
@@ -187,6 +193,33 @@ def test_install_from_the_wheelhouse_offline_then_plan_runs(package_v1: Path, tm
     assert "already installed" in again.stderr
     assert (etc / "config.toml").read_text().endswith("# operator edit\n")
     assert sorted(p.name for p in opt.iterdir()) == [VERSION, "current"]
+
+
+def test_installed_supervisor_processes_a_queue_on_azurite(package_v1: Path, tmp_path: Path, azurite: Azurite,
+                                                          queue: QueueClient, queue_name: str) -> None:
+    root = tmp_path / "root"
+    orchestrate(package_v1, "-i", "--root", root)
+    exe = root / "opt" / "spot-supervisor" / "current" / "bin" / "spot-supervisor"
+    for n in range(20):
+        queue.send_message(json.dumps({"n": n, "chunks": 1, "chunk_ms": 1}))
+    results = tmp_path / "results.jsonl"
+    env = clean_env(SPOT_EVENTS_SOURCE="none", SPOT_QUEUE_NAME=queue_name, SPOT_SCALING_WORKERS="2",
+                    SPOT_QUEUE_CONNECTION_STRING=azurite.connection_string, SPOT_SAMPLE_RESULTS=str(results),
+                    no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+    proc = subprocess.Popen([exe, "run", "--config", root / "etc" / "spot-supervisor" / "config.toml"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not results.exists() or len(results.read_text().splitlines()) < 20):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = {json.loads(line)["id"] for line in results.read_text().splitlines()}
+    assert len(done) == 20, proc.stderr.read() if proc.stderr else ""
+    assert queue.get_queue_properties().approximate_message_count == 0
 
 
 def test_upgrade_installs_beside_keeps_the_config_and_switches_current(

@@ -8,14 +8,21 @@ host, so the fake serves /metadata/identity/oauth2/token in the IMDS shape.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
+from conftest import Azurite, child_env
+from supervisor.imds_simulator import ImdsSimulator
 
 from supervisor.provisioning import (
     ARM_API_VERSION,
@@ -210,3 +217,45 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
     assert backoff_delay(3, 1.0, 30.0, rand=lambda: 1.0) == 8.0
     assert backoff_delay(10, 1.0, 30.0, rand=lambda: 1.0) == 30.0
     assert 15.0 <= backoff_delay(1000, 1.0, 30.0) <= 30.0
+
+
+def test_supervisor_starts_workers_only_once_arm_reports_succeeded(fake_azure: FakeAzure, azurite: Azurite,
+                                                                   queue_name: str, tmp_path: Path) -> None:
+    fake_azure.states = ["Creating"]
+    with ImdsSimulator() as imds:
+        env = child_env(azurite, queue_name=queue_name, events_source="azure", events_endpoint=imds.url,
+                        startup_wait_for_provisioning="true", startup_arm_endpoint=fake_azure.url,
+                        startup_provisioning_timeout_s="60", scaling_workers="1")
+        log = tmp_path / "supervisor.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run"], env=env, stderr=fh)
+            try:
+                deadline = time.monotonic() + 20
+                while len(fake_azure.arm_requests) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert len(fake_azure.arm_requests) >= 3, log.read_text()
+                assert "spawned worker" not in log.read_text()
+                fake_azure.states = ["Succeeded"]
+                while "spawned worker" not in log.read_text() and time.monotonic() < deadline + 20:
+                    time.sleep(0.05)
+                assert "spawned worker" in log.read_text()
+                assert fake_azure.arm_requests[-1]["path"] == "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-vmspot/providers/Microsoft.Compute/virtualMachines/vm-spot-07"
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+def test_supervisor_gives_up_after_the_gate_timeout_with_one_line(fake_azure: FakeAzure, azurite: Azurite,
+                                                                  queue_name: str) -> None:
+    fake_azure.states = ["Creating"]
+    with ImdsSimulator() as imds:
+        env = child_env(azurite, queue_name=queue_name, events_source="azure", events_endpoint=imds.url,
+                        startup_wait_for_provisioning="true", startup_arm_endpoint=fake_azure.url,
+                        startup_provisioning_timeout_s="2")
+        result = subprocess.run([sys.executable, "-m", "supervisor", "run"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Creating" in errors[0], result.stderr
+    assert "spawned worker" not in result.stderr

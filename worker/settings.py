@@ -274,6 +274,8 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     _require(s.shutdown.kill_grace_s >= 0, "shutdown.kill_grace_s", f"must be 0 or more, got {s.shutdown.kill_grace_s}")
     _require(s.telemetry.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "telemetry.log_level",
              f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
+    _require(s.startup.arm_endpoint.startswith(("https://", "http://")), "startup.arm_endpoint",
+             f"must be an http(s) URL, got {s.startup.arm_endpoint!r}")
     _require(s.startup.provisioning_timeout_s > 0, "startup.provisioning_timeout_s",
              f"must be greater than 0, got {s.startup.provisioning_timeout_s}")
 

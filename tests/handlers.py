@@ -1,0 +1,188 @@
+"""Handlers and helpers for the worker tests and the throughput benchmark.
+
+`record` is steered by the message body, when the body is a JSON object
+(any other body: record the attempt and succeed):
+
+    checkpoint      value to checkpoint at the start of an attempt that has no state yet
+    big_checkpoint  n: then try to checkpoint a string of n characters, recording CheckpointTooLarge
+    steps, step_s   resume from ctx.state {"step": k}: sleep step_s, checkpoint {"step": k+1}, ... up to steps
+    sleep           seconds to run (in small slices)
+    wait_file       run until this path exists (at most `timeout` s, default 30)
+    ignore_drain    keep running during a drain (default: stop sleeping/waiting and raise Interrupted)
+    after_wait_checkpoint  value to checkpoint after sleeping/waiting (its result is recorded)
+    interrupt_until raise Interrupted while dequeue_count <= this
+    fail_until      raise RuntimeError while dequeue_count <= this
+    fail            always raise RuntimeError
+
+Every event of every attempt is one JSON line, appended with a single O_APPEND
+write to the file named by $TEST_HANDLER_RECORD (read once per attempt), so
+lines from many threads and processes never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from worker import CheckpointTooLarge, Context, Interrupted, Message
+
+RECORD_ENV = "TEST_HANDLER_RECORD"
+SLICE_S = 0.02
+
+
+def noop(message: Message, ctx: Context) -> None:
+    """For the benchmark: succeed at once."""
+
+
+def record(message: Message, ctx: Context) -> None:
+    path = os.environ.get(RECORD_ENV)
+    spec = _spec(message.body)
+
+    def emit(event: str, **fields: Any) -> None:
+        if path:
+            append_line(path, {"event": event, "id": message.id, "dequeue_count": message.dequeue_count,
+                               "pid": os.getpid(), "thread": threading.get_ident(), "t": time.time(), **fields})
+
+    emit("start", body=message.body, state=ctx.state,
+         inserted_on=message.inserted_on.isoformat() if message.inserted_on else None,
+         receipt=getattr(getattr(ctx, "_lease", None), "pop_receipt", None))  # lets a test play "another consumer"
+    try:
+        _run(spec, message, ctx, emit)
+    except Interrupted:
+        emit("end", outcome="interrupted")
+        raise
+    except Exception as exc:
+        emit("end", outcome="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    emit("end", outcome="succeeded")
+
+
+def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..., None]) -> None:
+    ignore_drain = bool(spec.get("ignore_drain"))
+    if "checkpoint" in spec and ctx.state is None:
+        emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
+    if "big_checkpoint" in spec:
+        try:
+            ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})
+        except CheckpointTooLarge as exc:
+            emit("too_large", error=str(exc))
+        else:
+            emit("big_stored")
+    if "steps" in spec:
+        step = (ctx.state or {}).get("step", 0)
+        while step < int(spec["steps"]):
+            _pause(float(spec.get("step_s", 0.1)), ctx, ignore_drain)
+            step += 1
+            stored = ctx.checkpoint({"step": step})
+            emit("checkpoint", state={"step": step}, stored=stored)
+    if "sleep" in spec:
+        _pause(float(spec["sleep"]), ctx, ignore_drain)
+    if "wait_file" in spec:
+        deadline = time.monotonic() + float(spec.get("timeout", 30))
+        while not os.path.exists(spec["wait_file"]) and time.monotonic() < deadline:
+            _pause(SLICE_S, ctx, ignore_drain)
+    if "after_wait_checkpoint" in spec:
+        emit("checkpoint", state=spec["after_wait_checkpoint"], stored=ctx.checkpoint(spec["after_wait_checkpoint"]))
+    if message.dequeue_count <= int(spec.get("interrupt_until", 0)):
+        raise Interrupted()
+    if spec.get("fail") or message.dequeue_count <= int(spec.get("fail_until", 0)):
+        raise RuntimeError(f"failing on purpose (attempt {message.dequeue_count})")
+
+
+def _pause(seconds: float, ctx: Context, ignore_drain: bool) -> None:
+    until = time.monotonic() + seconds
+    while True:
+        if ctx.draining and not ignore_drain:
+            raise Interrupted()
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(SLICE_S, left))
+
+
+def _spec(body: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# -- helpers for tests --------------------------------------------------------------------------
+
+
+def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r for r in records if event is None or r["event"] == event]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; return its value, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RequestLog:
+    """Every HTTP request azure-core sends in this process (retries included), with its time.
+
+    Wraps RequestsTransport.send, the transport every QueueClient here uses, so
+    what is counted is what went on the wire.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[float, str, str]] = []  # (monotonic time, method, url)
+        self._lock = threading.Lock()
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        return len(self.matching(method, contains))
+
+    def matching(self, method: str | None = None, contains: str = "") -> list[tuple[float, str, str]]:
+        with self._lock:
+            return [r for r in self.requests if (method is None or r[1] == method) and contains in r[2]]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    @contextmanager
+    def installed(self) -> Iterator[RequestLog]:
+        from azure.core.pipeline.transport import RequestsTransport
+
+        original = RequestsTransport.send
+        log = self
+
+        def send(transport: RequestsTransport, request: Any, **kwargs: Any) -> Any:
+            with log._lock:
+                log.requests.append((time.monotonic(), request.method, request.url))
+            return original(transport, request, **kwargs)
+
+        RequestsTransport.send = send  # type: ignore[method-assign]
+        try:
+            yield self
+        finally:
+            RequestsTransport.send = original  # type: ignore[method-assign]

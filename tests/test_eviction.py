@@ -1,0 +1,207 @@
+"""Eviction end to end: a real supervisor, real workers, a real Azurite, the IMDS simulator over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from azure.storage.queue import QueueClient
+
+from conftest import AZURE_FIXTURES, Azurite, child_env
+from supervisor.imds_simulator import ImdsSimulator
+
+SPOT = [sys.executable, "-m", "supervisor"]
+
+
+class Supervisor:
+    """A `spot-supervisor run` child with its stderr in a file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen([*SPOT, "run"], env=env, stderr=self._fh, stdout=subprocess.DEVNULL)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None and not predicate():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; supervisor log:\n{self.text()[-3000:]}")
+
+    def wait_for_log(self, needle: str, timeout: float = 15.0) -> None:
+        self.wait_for(lambda: needle in self.text(), timeout, repr(needle))
+
+    def worker_pids(self) -> set[int]:
+        try:
+            return {c.pid for c in psutil.Process(self.proc.pid).children()}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._fh.close()
+
+
+@pytest.fixture
+def simulator() -> Iterator[ImdsSimulator]:
+    sim = ImdsSimulator(vm_name="vm-spot-07").start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+@pytest.fixture
+def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start_supervisor(events: bool = True, **spot: str) -> Supervisor:
+        settings = {"queue_name": queue_name, "queue_visibility_timeout_s": "10", "queue_batch_size": "8",
+                    "scaling_workers": "2", "shutdown_drain_timeout_s": "20"}
+        if events:
+            settings.update(events_source="azure", events_endpoint=simulator.url, events_poll_interval_s="0.25",
+                            events_request_timeout_s="0.5")
+        settings.update(spot)
+        env = child_env(azurite, **settings)
+        env["SPOT_SAMPLE_RESULTS"] = str(tmp_path / "results.jsonl")
+        sup = Supervisor(env, tmp_path / f"supervisor-{len(started)}.log")
+        started.append(sup)
+        return sup
+
+    try:
+        yield start_supervisor
+    finally:
+        for sup in started:
+            sup.close()
+
+
+def enqueue(queue: QueueClient, count: int, chunks: int, chunk_ms: float) -> None:
+    for n in range(count):
+        queue.send_message(json.dumps({"n": n, "chunks": chunks, "chunk_ms": chunk_ms}))
+
+
+def results(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def visible_count(queue: QueueClient) -> int:
+    return len(queue.peek_messages(max_messages=32))
+
+
+def test_eviction_drains_releases_acknowledges_after_last_exit_and_resumes_elsewhere(
+        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    total = 24
+    enqueue(queue, total, chunks=20, chunk_ms=40)  # ~0.8 s of CPU per message, checkpoint after each chunk
+    alive_at_ack: list[set[int]] = []
+    sup = start()
+    sup.wait_for(lambda: len(results(tmp_path)) >= 2, 60, "two messages done")
+    workers = sup.worker_pids()
+    assert len(workers) == 2
+    simulator.on_ack = lambda record: alive_at_ack.append({pid for pid in workers if psutil.pid_exists(pid)})
+
+    notice = simulator.simulate_eviction(delay_s=30)
+    noticed = time.monotonic()
+    done_at_notice = len(results(tmp_path))
+    # Every message not done must be visible again (released), not left invisible until its lease.
+    released_within = None
+    while time.monotonic() - noticed < 5:
+        done = len({r["id"] for r in results(tmp_path)})
+        if visible_count(queue) == total - done:
+            released_within = time.monotonic() - noticed
+            break
+        time.sleep(0.01)
+    assert sup.proc.wait(15) == 0
+    assert released_within is not None and released_within < 1.0, f"released after {released_within}s"
+
+    acks = simulator.acks()
+    assert len(acks) == 1
+    assert acks[0]["raw"] == json.dumps({"StartRequests": [{"EventId": notice["EventId"]}]})
+    assert acks[0]["headers"].get("Metadata") == "true"
+    assert alive_at_ack == [set()], "acknowledged while a worker was still alive"
+    log = sup.text()
+    assert "every worker stopped receiving" in log and "acknowledged" in log
+    assert done_at_notice < total, "the queue ran dry before the eviction: nothing was tested"
+
+    # The replacement VM: a fresh supervisor without events finishes everything,
+    # resuming interrupted messages from their checkpoints.
+    replacement = start(events=False)
+    replacement.wait_for(lambda: len({r["id"] for r in results(tmp_path)}) == total, 90, "all messages done")
+    replacement.proc.send_signal(signal.SIGTERM)
+    assert replacement.proc.wait(20) == 0
+    records = results(tmp_path)
+    assert len({r["id"] for r in records}) == total
+    assert any(r["resumed_from"] > 0 for r in records), "no message resumed from a checkpoint"
+    assert queue.get_queue_properties().approximate_message_count == 0
+
+
+@pytest.mark.parametrize("mode", ["500", "410", "429", "garbage", "slow", "reset"])
+def test_imds_faults_never_drain_nor_crash_and_a_later_eviction_is_seen(
+        mode: str, start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start(scaling_workers="1")
+    sup.wait_for_log("ready:")
+    simulator.set_faults(mode, count=4, delay_s=1.0 if mode == "slow" else None)
+    sup.wait_for_log("scheduled events poll failed", timeout=10)
+    enqueue(queue, 3, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done while IMDS misbehaves")
+    assert sup.proc.poll() is None
+    assert "drain (" not in sup.text()
+
+    simulator.simulate_eviction(delay_s=30)
+    assert sup.proc.wait(15) == 0
+    assert len(simulator.acks()) == 1
+
+
+def test_cancelled_event_resumes_processing(
+        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    # Handlers that ignore ctx.draining keep the drain open long enough for the cancellation to arrive.
+    queue.send_message(json.dumps({"seconds": 3}))
+    sup = start(workload_handler="evict_handlers:stubborn")
+    sup.wait_for(lambda: (tmp_path / "stubborn.started").exists(), 20, "the handler to start")
+    before = sup.worker_pids()
+    notice = simulator.simulate_eviction(delay_s=30)
+    sup.wait_for_log("drain (Preempt")
+    simulator.cancel_event(notice["EventId"])
+    sup.wait_for_log("was cancelled")
+    # New workers take over while the old ones finish; the service keeps running.
+    sup.wait_for(lambda: len(sup.worker_pids() - before) >= 2, 15, "replacement workers")
+    queue.send_message(json.dumps({"seconds": 0}))
+    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "both messages done")
+    assert sup.proc.poll() is None
+    assert simulator.acks() == []
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(20) == 0
+
+
+def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged(
+        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient) -> None:
+    sup = start()
+    sup.wait_for_log("ready:")
+    simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-other-vm.json").read_text()))
+    sup.wait_for_log("-> 3: 1 event(s)")
+    time.sleep(1.0)  # four polls
+    assert sup.proc.poll() is None and "drain (" not in sup.text()
+
+    simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-shared.json").read_text()))
+    assert sup.proc.wait(15) == 0
+    assert "drain (Preempt C0FFEE00" in sup.text()
+    assert "other VMs are listed in it" in sup.text()
+    assert simulator.acks() == []
