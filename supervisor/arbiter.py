@@ -81,6 +81,9 @@ class Arbiter:
         self.acknowledge_event = acknowledge
         self.target = plan.workers
         self.generation = 0
+        # The configuration before a SIGHUP, kept until a worker of the new one is ready: if the
+        # new one cannot start workers (exit 78, e.g. a handler typo), go back to it instead of exiting.
+        self.previous: tuple[Settings, Plan] | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.slot_crashes: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
@@ -142,6 +145,8 @@ class Arbiter:
     def sleep(self) -> None:
         fds = [self._wake_r] + [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
         timeout = 0.05 if self.drain_state else 0.5
+        if self._watchdog_s:  # wake in time for the next ping, however short WatchdogSec= is
+            timeout = max(0.0, min(timeout, self._next_watchdog - time.time()))
         try:
             select.select(fds, [], [], timeout)
         except (InterruptedError, ValueError):
@@ -215,6 +220,8 @@ class Arbiter:
         kind = message["kind"]
         if kind == "ready":
             handle.ready = True
+            if handle.generation == self.generation:
+                self.previous = None
         elif kind == "stats":
             handle.stats = message
         elif kind == "draining":
@@ -225,7 +232,7 @@ class Arbiter:
         elif kind == "fatal":
             log.error("worker %d cannot start: %s", handle.pid, message.get("error"))
             if message.get("code") == EX_CONFIG:
-                self.fail(EX_CONFIG)
+                self.config_failed(handle, str(message.get("error")))
 
     def reap_workers(self) -> None:
         while True:
@@ -249,8 +256,9 @@ class Arbiter:
         code = os.waitstatus_to_exitcode(status)
         described = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         if code == EX_CONFIG:
-            log.error("worker %d exited with 78 (configuration): stopping the service", handle.pid)
-            self.fail(EX_CONFIG)
+            if handle.generation == self.generation and self.exit_code is None:
+                log.error("worker %d exited with 78 (configuration)", handle.pid)
+            self.config_failed(handle, "exit code 78")
             return
         if handle.retiring or self.drain_state is not None:
             log.info("worker %d exited (%s)", handle.pid, described)
@@ -290,7 +298,30 @@ class Arbiter:
         for handle in list(self.workers.values()):
             if not handle.retiring:
                 self.retire(handle, deadline)
+        if self.previous is None:  # two quick SIGHUPs: keep the last configuration known to start workers
+            self.previous = (self.settings, self.plan)
         self.settings, self.plan, self.target = settings, plan, plan.workers
+        self.generation += 1
+        self.respawn_at.clear()
+        self.slot_crashes.clear()
+
+    def config_failed(self, handle: WorkerHandle, why: str) -> None:
+        """A worker cannot start with the current configuration (exit 78).
+
+        After a SIGHUP, go back to the configuration that ran before; otherwise stop the service.
+        """
+        if self.exit_code is not None or handle.generation != self.generation:
+            return  # already stopping, or a configuration already given up
+        if self.previous is None:
+            log.error("stopping the service: workers cannot start with this configuration")
+            self.fail(EX_CONFIG)
+            return
+        log.error("SIGHUP: workers cannot start with the new configuration (%s): going back to the previous one", why)
+        for other in self.workers.values():
+            if other.generation == self.generation and not other.retiring:
+                self.retire(other, time.time())
+        (self.settings, self.plan), self.previous = self.previous, None
+        self.target = self.plan.workers
         self.generation += 1
         self.respawn_at.clear()
         self.slot_crashes.clear()

@@ -7,6 +7,10 @@ has "draining": ctx.draining at that moment)
 
 Body: JSON such as {"s": 1.5, "cooperative": true}: sleep `s` seconds in small
 steps; a cooperative handler raises Interrupted as soon as ctx.draining.
+
+Importing this module sleeps SUP_IMPORT_DELAY_S seconds (a slow handler import,
+as a worker sees it before it reports ready), then appends the importing pid to
+the file SUP_IMPORTED, if set.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from typing import Any
 
 from worker.context import Context
 from worker.message import Interrupted, Message
+
+time.sleep(float(os.environ.get("SUP_IMPORT_DELAY_S") or 0))
+if os.environ.get("SUP_IMPORTED"):
+    with open(os.environ["SUP_IMPORTED"], "a") as _imported:
+        _imported.write(f"{os.getpid()}\n")
 
 
 def _emit(event: str, message: Message, **extra: Any) -> None:

@@ -32,14 +32,15 @@ T = TypeVar("T")
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_until(condition: Callable[[], T | None], timeout: float, what: str | Callable[[], str], interval: float = 0.05) -> T:
+    """Poll until condition() is truthy; `what` (or what() at the timeout) says what was awaited."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
         time.sleep(interval)
 
 
@@ -83,7 +84,7 @@ class Supervisor:
         def exactly_n() -> set[int] | None:
             pids = self.worker_pids()
             return pids if len(pids) == n else None
-        return wait_until(exactly_n, timeout, f"exactly {n} live worker(s); log:\n{self.log()[-3000:]}")
+        return wait_until(exactly_n, timeout, lambda: f"exactly {n} live worker(s); log:\n{self.log()[-3000:]}")
 
     def send(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -143,7 +144,9 @@ def sleepy_bodies(n: int, seconds: float, cooperative: bool = False) -> list[str
 
 
 def message_count(queue: QueueClient) -> int:
-    return int(queue.get_queue_properties().approximate_message_count)
+    count = queue.get_queue_properties().approximate_message_count
+    assert count is not None
+    return count
 
 
 def visible_ids(queue: QueueClient) -> set[str]:
@@ -241,7 +244,7 @@ def test_sigterm_drains_and_leaves_the_rest_on_the_queue(azurite: Azurite, queue
     assert time.monotonic() - sent < 5, "SIGTERM drain took longer than drain_timeout_s"
 
     late = [e for e in read_events(events) if e["event"] == "start" and e["draining"]]
-    assert not late, f"messages started after the drain began (they should have been released): {late}"
+    assert not late, f"{len(late)} message(s) started after the drain began instead of being released"
     done = done_ids(events)
     assert len(done) < len(ids), "the drain test needs work left over"
     assert message_count(queue) == len(ids) - len(done)
@@ -352,35 +355,49 @@ def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurit
                                                                 tmp_path: Path, start: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     config = tmp_path / "spot.toml"
-    config.write_text("[scaling]\nworkers = 2\n")
+    workload = f'[workload]\nhandler = "{SLEEPY}"\n'
+    config.write_text(f"[scaling]\nworkers = 2\n{workload}")
     ids = enqueue(queue, sleepy_bodies(24, 0.4))
     env = sleepy_env(azurite, queue_name, events)
-    assert "SPOT_SCALING_WORKERS" not in env  # the file must decide
+    for key in ("SPOT_SCALING_WORKERS", "SPOT_WORKLOAD_HANDLER"):  # the file must decide
+        env.pop(key, None)
     sup = start(env, "run", "--config", str(config))
     old = sup.wait_for_workers(2)
     wait_until(lambda: len(read_events(events)) >= 2, 10, "work to start")
 
-    config.write_text("[scaling]\nworkers = 3\n")
+    config.write_text(f"[scaling]\nworkers = 3\n{workload}")
     sup.send(signal.SIGHUP)
 
     def three_new() -> set[int] | None:
         pids = sup.worker_pids()
         return pids if len(pids) == 3 and not pids & old else None
-    new = wait_until(three_new, 10, f"3 new workers replacing {old}; log:\n{sup.log()[-3000:]}")
-    log = sup.log()
+    new = wait_until(three_new, 10, lambda: f"3 new workers replacing {old}; log:\n{sup.log()[-3000:]}")
+    def reaped() -> bool:
+        return all(f"worker {pid} exited (" in sup.log() for pid in old)
+    wait_until(reaped, 5, "the old workers to be reaped")
     for pid in old:
-        assert f"worker {pid} exited (exit code 0)" in log, f"old worker {pid} did not drain cleanly"
+        assert f"worker {pid} exited (exit code 0)" in sup.log(), f"old worker {pid} did not drain cleanly"
 
     wait_until(lambda: done_ids(events) >= set(ids), 30, "every message to be done across the reload")
     wait_until(lambda: message_count(queue) == 0, 10, "the queue to be empty")
 
-    config.write_text("[scaling]\nworkers = \"three\"\n")
+    config.write_text(f"[scaling]\nworkers = \"three\"\n{workload}")
     sup.send(signal.SIGHUP)
     wait_until(lambda: "keeping the running configuration" in sup.log(), 5, "the bad reload to be logged")
     time.sleep(1.0)
     assert sup.proc.poll() is None, "a bad configuration on SIGHUP stopped the service"
     assert sup.worker_pids() == new, "a bad configuration on SIGHUP replaced the workers"
     assert "scaling.workers" in sup.log()
+
+    # Valid TOML, but the handler cannot be imported: only the new workers can tell. The service
+    # goes back to the running configuration instead of exiting 78.
+    config.write_text("[scaling]\nworkers = 4\n[workload]\nhandler = \"nonexistent.module:handle\"\n")
+    sup.send(signal.SIGHUP)
+    wait_until(lambda: "going back to the previous one" in sup.log(), 10, lambda: f"a rollback; log:\n{sup.log()[-3000:]}")
+    assert sup.proc.poll() is None, "a handler typo on SIGHUP stopped the service"
+    (late,) = enqueue(queue, sleepy_bodies(1, 0.1))
+    wait_until(lambda: late in done_ids(events), 15, "a message to be processed after the rollback")
+    assert len(sup.wait_for_workers(3)) == 3, "the rollback did not restore the running worker count"
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
 
@@ -467,16 +484,20 @@ def test_systemd_notify_ready_status_watchdog_stopping(azurite: Azurite, queue: 
                 except (TimeoutError, socket.timeout):
                     return [text for _, text in received]
 
+        imported = tmp_path / "imported"
         env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2")
-        env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+        # The handler takes a second to import: READY must wait for the workers, not just their fork.
+        env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000", "SUP_IMPORT_DELAY_S": "1.0",
+                    "SUP_IMPORTED": str(imported)})
         env.pop("WATCHDOG_PID", None)
         sup = start(env)
 
         def ready() -> bool:
             return any("READY=1" in text.splitlines() for text in drain_socket())
         wait_until(ready, 10, "READY=1")
-        # READY only once every worker reported ready: they are running now.
-        assert len(sup.workers()) == 2
+        importers = set(map(int, imported.read_text().split())) if imported.exists() else set()
+        workers = sup.worker_pids()
+        assert len(workers) == 2 and importers == workers, "READY=1 came before every worker had loaded the handler"
         ready_text = next(text for _, text in received if "READY=1" in text.splitlines())
         assert "STATUS=running: 2 worker(s)" in ready_text
         ready_at = next(t for t, text in received if "READY=1" in text.splitlines())
@@ -495,6 +516,30 @@ def test_systemd_notify_ready_status_watchdog_stopping(azurite: Azurite, queue: 
         stopping = [text for text in texts if "STOPPING=1" in text.splitlines()]
         assert stopping and "STATUS=draining: SIGTERM" in stopping[0]
         assert sum("READY=1" in text.splitlines() for text in texts) == 1
+
+
+def test_watchdog_pings_in_time_for_a_short_watchdog_interval(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(0.1)
+        env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1")
+        env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})  # WatchdogSec=400ms
+        sup = start(env)
+        pings: list[float] = []
+        until = time.monotonic() + 10
+        while len(pings) < 12 and time.monotonic() < until:
+            try:
+                if sock.recv(65536) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            except (TimeoutError, socket.timeout):
+                pass
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert len(pings) >= 12, f"only {len(pings)} WATCHDOG=1 in 10 s"
+        assert max(gaps) < 0.4, f"systemd would have killed the service: a {max(gaps):.3f}s gap between pings"
+        sup.send(signal.SIGTERM)
+        assert sup.wait(10) == 0
 
 
 # --- 11. SIGQUIT ------------------------------------------------------------------------------------------------

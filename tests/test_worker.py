@@ -8,7 +8,6 @@ tests/handlers.py:record, steered by the message body.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 import signal
@@ -28,6 +27,7 @@ from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64E
 from conftest import REPO, Azurite, child_env
 from handlers import RECORD_ENV, RequestLog, read_records, wait_for
 from worker.message import Codec
+from worker.consumer import Consumer
 from worker.runtime import WorkerRuntime
 from worker.settings import EventsSettings, QueueSettings, Settings, TelemetrySettings, WorkloadSettings, validate
 from worker.telemetry import Telemetry, setup_telemetry
@@ -188,13 +188,18 @@ def test_failures_retry_with_growing_delay_then_poison_the_original(
 
 def test_lease_is_renewed_while_a_long_handler_runs(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                     record_path: Path, runtimes: Callable[..., WorkerRuntime]) -> None:
-    queue.send_message(json.dumps({"sleep": 6}))
-    # Two consumer threads: the idle one would receive the message again if its lease ever ran out.
-    runtime = runtimes(settings_for(azurite, queue_name, visibility_timeout_s=2), threads=2)
+    long = queue.send_message(json.dumps({"sleep": 6}))
+    waiting = queue.send_message("received in the same batch, waits 6 s to start")
+    # Two consumer threads: the idle one would receive a message again if its lease ever ran out,
+    # the running one's or that of the one waiting its turn in the batch.
+    runtime = runtimes(settings_for(azurite, queue_name, visibility_timeout_s=2, prefetch_s=0), threads=2)
 
-    wait_for(lambda: read_records(record_path, "end"), 12, what="the 6 s handler to finish")
-    wait_for(lambda: runtime.stats()["succeeded"] == 1, 5, what="the delete")
-    assert len(read_records(record_path, "start")) == 1
+    wait_for(lambda: runtime.stats()["succeeded"] == 2, 12, what="both messages to succeed")
+    starts = by_id(read_records(record_path, "start"))
+    assert [s["dequeue_count"] for s in starts[long.id]] == [1]
+    assert [s["dequeue_count"] for s in starts[waiting.id]] == [1]
+    [long_end] = [e for e in read_records(record_path, "end") if e["id"] == long.id]
+    assert starts[waiting.id][0]["t"] >= long_end["t"]  # held (renewed) for the whole run, not re-delivered
     assert runtime.stats()["lease_lost"] == 0
     assert message_count(queue) == 0
 
@@ -240,7 +245,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     bodies = [json.dumps({"wait_file": str(go), "ignore_drain": True, "n": i}) for i in range(10)]
     for body in bodies:
         queue.send_message(body)
-    runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, visibility_timeout_s=30))
+    runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, prefetch_s=0, visibility_timeout_s=30))
     [running] = wait_for(lambda: read_records(record_path, "start"), 10, what="the first handler to start")
     wait_for(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
@@ -435,3 +440,31 @@ def test_sigquit_releases_at_once_and_exits(azurite: Azurite, queue: QueueClient
     [(held, _)] = [(envelope, body) for envelope, body in opened if body == running["body"]]
     assert (held.state, held.releases) == ({"n": 1}, 1)  # checkpoint kept, counted as a release
     assert read_records(record, "end") == []
+
+
+def test_prefetch_leaves_slow_work_to_other_vms(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                runtimes: Callable[..., WorkerRuntime]) -> None:
+    """Two workers (think: two VMs) on one queue of slow messages: neither sits on a whole batch."""
+    for _ in range(8):
+        queue.send_message(json.dumps({"sleep": 0.4}))
+    settings = settings_for(azurite, queue_name, prefetch_s=0.5)
+    first = runtimes(settings)
+    wait_for(lambda: first.stats()["succeeded"] >= 1, 10, what="the first worker to learn the handler's duration")
+    second = runtimes(settings)
+    wait_for(lambda: first.stats()["succeeded"] + second.stats()["succeeded"] == 8, 20, what="all messages done")
+    assert second.stats()["succeeded"] >= 2, (first.stats(), second.stats())
+
+
+def test_receive_count_follows_the_handler_duration() -> None:
+    settings = QueueSettings(connection_string="UseDevelopmentStorage=true", batch_size=32, prefetch_s=2.0)
+    consumer = Consumer.__new__(Consumer)
+    consumer.settings, consumer.handler_s = settings, None
+    assert consumer.receive_count() == 1  # nothing known yet: one
+    consumer.observe_duration(0.001)
+    assert consumer.receive_count() == 32  # capped by batch_size
+    consumer.handler_s = 0.2
+    assert consumer.receive_count() == 10
+    consumer.handler_s = 600.0
+    assert consumer.receive_count() == 1
+    consumer.settings = QueueSettings(connection_string="x", batch_size=7, prefetch_s=0)
+    assert consumer.receive_count() == 7  # prefetch off

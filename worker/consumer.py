@@ -105,6 +105,20 @@ class Consumer:
         self.client = make_queue_client(self.settings)
         self.idle = Backoff(0.05, self.settings.idle_poll_max_s)
         self.errors = Backoff(0.5, 60.0)
+        self.handler_s: float | None = None  # moving average of handler durations
+
+    def receive_count(self) -> int:
+        """How many messages to take: about prefetch_s of work, so slow handlers on one VM
+        do not sit on messages that idle VMs could run. One until a duration is known."""
+        n = self.settings.batch_size
+        if self.settings.prefetch_s <= 0:
+            return n
+        if self.handler_s is None:
+            return 1
+        return max(1, min(n, int(self.settings.prefetch_s / max(self.handler_s, 1e-6))))
+
+    def observe_duration(self, seconds: float) -> None:
+        self.handler_s = seconds if self.handler_s is None else 0.8 * self.handler_s + 0.2 * seconds
 
     def run(self) -> None:
         stop = self.shared.stop_receiving
@@ -151,7 +165,7 @@ class Consumer:
             log.warning("could not create queue %s (%s); using it as it is", self.settings.name, describe(exc))
 
     def receive(self) -> list[QueueMessage]:
-        n = self.settings.batch_size
+        n = self.receive_count()
         pages = self.client.receive_messages(
             messages_per_page=n, max_messages=n, visibility_timeout=self.settings.visibility_timeout_s
         ).by_page()
@@ -160,8 +174,7 @@ class Consumer:
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
         if self.shared.stop_receiving.is_set():
-            for lease, _, _ in batch:  # received after the drain began: give them straight back
-                self.settle_release(lease, "released")
+            release_pending(self.shared)  # received after the drain began: give them straight back
             return
         for lease, message, prior_failures in batch:
             if lease.start():  # False: a drain released it meanwhile
@@ -207,7 +220,9 @@ class Consumer:
             with shared.counters.lock:
                 shared.counters.running -= 1
             shared.telemetry.inflight(-1)
-            shared.telemetry.record_message(outcome, time.perf_counter() - started)
+            duration = time.perf_counter() - started
+            shared.telemetry.record_message(outcome, duration)
+            self.observe_duration(duration)
 
     def call_handler(self, message: Message, ctx: Context) -> str:
         try:

@@ -95,7 +95,7 @@ class Codec:
             return envelope.original
         payload = ENVELOPE_PREFIX + json.dumps(
             {"original": envelope.original, "releases": envelope.releases, "state": envelope.state},
-            separators=(",", ":"), ensure_ascii=False,
+            separators=(",", ":"),  # ASCII: no character the service may refuse
         )[1:]
         return self.encode_text(payload)
 

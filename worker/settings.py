@@ -44,6 +44,7 @@ class QueueSettings:
     name: str = "spot-work"
     visibility_timeout_s: int = 60
     batch_size: int = 32
+    prefetch_s: float = 2.0
     max_dequeue_count: int = 5
     message_encoding: str = "none"
     api_version: str = ""
@@ -241,6 +242,7 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     _require(q.max_dequeue_count >= 1, "queue.max_dequeue_count", f"must be at least 1, got {q.max_dequeue_count}")
     _require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
              f"must be one of: none, base64; got {q.message_encoding!r}")
+    _require(q.prefetch_s >= 0, "queue.prefetch_s", f"must be 0 (always batch_size) or more, got {q.prefetch_s}")
     for key in ("retry_delay_s", "retry_delay_max_s", "idle_poll_max_s", "request_timeout_s"):
         _require(getattr(q, key) > 0, f"queue.{key}", f"must be greater than 0, got {getattr(q, key)}")
 
@@ -291,9 +293,12 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
              f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
 
 
+_QUEUE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # ASCII only: str.islower() accepts "ö"
+
+
 def _valid_queue_name(name: str) -> bool:
-    return (3 <= len(name) <= 57 and name[0].isalnum() and name[-1].isalnum() and "--" not in name
-            and all(c.islower() or c.isdigit() or c == "-" for c in name))
+    return (3 <= len(name) <= 57 and name[0] != "-" and name[-1] != "-" and "--" not in name
+            and set(name) <= _QUEUE_NAME_CHARS)
 
 
 def _valid_handler_ref(ref: str) -> bool:

@@ -1,0 +1,228 @@
+"""Settings: config/default.toml documents exactly the dataclass defaults; env overrides; one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REPO
+from worker.settings import (SECTIONS, ConfigError, EventsSettings, QueueSettings, ScalingSettings, Settings,
+                             StartupSettings, load_settings)
+
+DEFAULT_TOML = REPO / "config" / "default.toml"
+EX_CONFIG = 78
+# Every settings object built here points away from the real IMDS address.
+BASE_ENV = {"SPOT_QUEUE_CONNECTION_STRING": "UseDevelopmentStorage=true", "SPOT_EVENTS_SOURCE": "none"}
+
+
+def load(tmp_path: Path, toml: str | None = None, **env: str) -> Settings:
+    path = None
+    if toml is not None:
+        path = tmp_path / "settings.toml"
+        path.write_text(toml)
+    return load_settings(path, environ={**BASE_ENV, **env})
+
+
+def config_error(tmp_path: Path, toml: str | None = None, **env: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, toml, **env)
+    return info.value
+
+
+def assert_one_line_naming(exc: ConfigError, key: str) -> None:
+    text = str(exc)
+    assert "\n" not in text and "\r" not in text, text
+    assert exc.key == key, text
+    assert key in text, text
+
+
+# -- config/default.toml is the documentation of the defaults -------------------------------------
+
+
+def _toml_value(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def test_default_toml_documents_exactly_the_dataclass_defaults() -> None:
+    doc = tomllib.loads(DEFAULT_TOML.read_text())
+    defaults = Settings()
+    assert set(doc) == set(SECTIONS), "sections differ between config/default.toml and worker/settings.py"
+    for section in SECTIONS:
+        fields = {f.name: getattr(getattr(defaults, section), f.name) for f in dataclasses.fields(getattr(defaults, section))}
+        assert set(doc[section]) == set(fields), f"[{section}] keys differ between config/default.toml and the dataclass"
+        for key, default in fields.items():
+            documented = _toml_value(doc[section][key])
+            assert documented == default and type(documented) is type(default), \
+                f"{section}.{key}: config/default.toml says {documented!r}, the dataclass {default!r}"
+
+
+def test_loading_default_toml_gives_the_defaults() -> None:
+    loaded = load_settings(DEFAULT_TOML, environ=BASE_ENV)
+    expected = Settings(queue=QueueSettings(connection_string=BASE_ENV["SPOT_QUEUE_CONNECTION_STRING"]),
+                        events=EventsSettings(source="none"), source=str(DEFAULT_TOML))
+    assert loaded == expected
+
+
+# -- environment overrides ----------------------------------------------------------------------
+
+
+def test_env_overrides_every_kind(tmp_path: Path) -> None:
+    toml = '[queue]\nname = "from-file"\nbatch_size = 8\n[scaling]\nworkers = 2\n'
+    s = load(tmp_path, toml,
+             SPOT_QUEUE_NAME="from-env",                  # str, over the file
+             SPOT_SCALING_WORKERS="4",                    # int, over the file
+             SPOT_QUEUE_VISIBILITY_TIMEOUT_S="120",       # int
+             SPOT_EVENTS_POLL_INTERVAL_S="0.5",           # float
+             SPOT_SCALING_WORKERS_PER_CORE="2",           # float written as a whole number
+             SPOT_STARTUP_WAIT_FOR_PROVISIONING="yes",    # bool
+             SPOT_EVENTS_DRAIN_ON="Preempt, Terminate",   # list, comma-separated
+             SPOT_EVENTS_ENDPOINT="http://127.0.0.1:9")   # str
+    assert s.queue.name == "from-env"
+    assert s.queue.batch_size == 8  # the file's value where no variable overrides it
+    assert s.scaling.workers == 4
+    assert s.queue.visibility_timeout_s == 120
+    assert s.events.poll_interval_s == 0.5
+    assert s.scaling.workers_per_core == 2.0 and isinstance(s.scaling.workers_per_core, float)
+    assert s.startup.wait_for_provisioning is True
+    assert s.events.drain_on == ("Preempt", "Terminate")
+    assert s.events.endpoint == "http://127.0.0.1:9"
+    assert s.events.source == "none"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", True), ("true", True), ("ON", True), ("0", False),
+                                                ("false", False), ("no", False), ("off", False)])
+def test_env_bool_spellings(tmp_path: Path, text: str, expected: bool) -> None:
+    assert load(tmp_path, SPOT_STARTUP_WAIT_FOR_PROVISIONING=text).startup.wait_for_provisioning is expected
+
+
+def test_applicationinsights_connection_string_from_its_own_variable(tmp_path: Path) -> None:
+    assert load(tmp_path, APPLICATIONINSIGHTS_CONNECTION_STRING="InstrumentationKey=x").telemetry.connection_string \
+        == "InstrumentationKey=x"
+    assert load(tmp_path, APPLICATIONINSIGHTS_CONNECTION_STRING="InstrumentationKey=x",
+                SPOT_TELEMETRY_CONNECTION_STRING="InstrumentationKey=y").telemetry.connection_string == "InstrumentationKey=y"
+
+
+# -- bad values: one line, naming the key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("toml", "env", "key"), [
+    # wrong type, from the file
+    ("[queue]\nbatch_size = 1.5\n", {}, "queue.batch_size"),
+    ("[queue]\nbatch_size = true\n", {}, "queue.batch_size"),
+    ("[queue]\nretry_delay_s = \"2\"\n", {}, "queue.retry_delay_s"),
+    ("[startup]\nwait_for_provisioning = 1\n", {}, "startup.wait_for_provisioning"),
+    ("[events]\ndrain_on = \"Preempt\"\n", {}, "events.drain_on"),
+    ("[events]\ndrain_on = [1, 2]\n", {}, "events.drain_on"),
+    ("[queue]\nname = 5\n", {}, "queue.name"),
+    ("[scaling]\nsku = 5\n", {}, "scaling.sku"),
+    ("queue = 5\n", {}, "queue"),
+    # wrong type, from the environment
+    (None, {"SPOT_SCALING_WORKERS": "four"}, "scaling.workers (from SPOT_SCALING_WORKERS)"),
+    (None, {"SPOT_EVENTS_POLL_INTERVAL_S": "fast"}, "events.poll_interval_s (from SPOT_EVENTS_POLL_INTERVAL_S)"),
+    (None, {"SPOT_STARTUP_WAIT_FOR_PROVISIONING": "maybe"},
+     "startup.wait_for_provisioning (from SPOT_STARTUP_WAIT_FOR_PROVISIONING)"),
+    # unknown names
+    ("[queue]\nbatch = 4\n", {}, "queue.batch"),
+    ("[queues]\nname = \"x\"\n", {}, "queues"),
+    ("[scaling.sku.Standard_D2s_v3]\nthreads = 2\n", {}, "scaling.sku.Standard_D2s_v3.threads"),
+    # allowed values and ranges
+    ("[queue]\nbatch_size = 33\n", {}, "queue.batch_size"),
+    ("[queue]\nbatch_size = 0\n", {}, "queue.batch_size"),
+    ("[queue]\nvisibility_timeout_s = 0\n", {}, "queue.visibility_timeout_s"),
+    ("[queue]\nmax_dequeue_count = 0\n", {}, "queue.max_dequeue_count"),
+    ("[queue]\nmessage_encoding = \"utf-8\"\n", {}, "queue.message_encoding"),
+    ("[queue]\nretry_delay_s = 0\n", {}, "queue.retry_delay_s"),
+    ("[workload]\nhandler = \"no-colon\"\n", {}, "workload.handler"),
+    ("[workload]\nmode = \"sideways\"\n", {}, "workload.mode"),
+    ("[events]\nsource = \"gcp\"\n", {"SPOT_EVENTS_SOURCE": "gcp"}, "events.source"),
+    ("[events]\ndrain_on = [\"Preempt\", \"Evict\"]\n", {}, "events.drain_on"),
+    ("[events]\nack = \"sometimes\"\n", {}, "events.ack"),
+    ("[events]\nendpoint = \"169.254.169.254\"\n", {}, "events.endpoint"),
+    ("[scaling]\nmin_workers = 4\nmax_workers = 2\n", {}, "scaling.max_workers"),
+    ("[scaling.sku.Standard_D2s_v3]\nworkers_per_core = 0.0\n", {}, "scaling.sku.Standard_D2s_v3.workers_per_core"),
+    ("[telemetry]\nlog_level = \"LOUD\"\n", {}, "telemetry.log_level"),
+    ("[shutdown]\ndrain_timeout_s = -1.0\n", {}, "shutdown.drain_timeout_s"),
+    ("[queue]\naccount_url = \"https://a.queue.core.windows.net\"\n", {}, "queue.account_url"),  # and a connection string
+    (None, {"SPOT_QUEUE_CONNECTION_STRING": ""}, "queue.connection_string"),
+    ("[queue\nname = \"x\"\n", {}, "--config"),  # not TOML
+])
+def test_bad_value_is_one_line_naming_the_key(tmp_path: Path, toml: str | None, env: dict[str, str], key: str) -> None:
+    assert_one_line_naming(config_error(tmp_path, toml, **env), key)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "nope.toml", environ=BASE_ENV)
+    assert_one_line_naming(info.value, "--config")
+    assert "nope.toml" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["abc", "a-b-c", "jobs9", "9jobs", "a" * 57])
+def test_queue_name_accepted(tmp_path: Path, name: str) -> None:
+    assert load(tmp_path, SPOT_QUEUE_NAME=name).queue.name == name
+
+
+@pytest.mark.parametrize("name", ["ab", "a" * 58, "Jobs", "a--b", "-abc", "abc-", "a_b", "jobs!", "jöbs", "jobs\u0663", ""])
+def test_queue_name_rejected(tmp_path: Path, name: str) -> None:
+    assert_one_line_naming(config_error(tmp_path, SPOT_QUEUE_NAME=name), "queue.name")
+
+
+@pytest.mark.parametrize("size", [1, 32])
+def test_batch_size_limits_accepted(tmp_path: Path, size: int) -> None:
+    assert load(tmp_path, SPOT_QUEUE_BATCH_SIZE=str(size)).queue.batch_size == size
+
+
+def test_sku_overrides_are_kept(tmp_path: Path) -> None:
+    s = load(tmp_path, "[scaling.sku.Standard_D2s_v3]\nworkers_per_core = 2.0\n")
+    assert s.scaling.sku == {"Standard_D2s_v3": {"workers_per_core": 2.0}}
+    assert isinstance(s.scaling, ScalingSettings) and isinstance(s.startup, StartupSettings)
+
+
+# -- the commands exit 78 with one line ----------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_") and k != "APPLICATIONINSIGHTS_CONNECTION_STRING"}
+    return {**env, **BASE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), **extra}
+
+
+BAD_CONFIGS = {
+    "batch_size": ("[queue]\nbatch_size = 33\n", "queue.batch_size"),
+    "unknown_key": ("[events]\nsourc = \"none\"\n", "events.sourc"),
+}
+COMMANDS = {
+    "worker": [sys.executable, "-m", "worker", "--config"],
+    "supervisor": [sys.executable, "-m", "supervisor", "run", "--config"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("bad", sorted(BAD_CONFIGS))
+def test_bad_config_exits_78_with_one_line(tmp_path: Path, command: str, bad: str) -> None:
+    toml, key = BAD_CONFIGS[bad]
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    result = subprocess.run([*COMMANDS[command], str(path)], env=_clean_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == EX_CONFIG, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and key in lines[0], result.stderr
+
+
+def test_worker_with_unimportable_handler_exits_78(tmp_path: Path) -> None:
+    path = tmp_path / "handler.toml"
+    path.write_text('[workload]\nhandler = "no_such_module_here:handle"\n')
+    # A closed local port: the handler is imported before the queue is ever contacted.
+    env = _clean_env(SPOT_QUEUE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                     "AccountKey=a2V5;QueueEndpoint=http://127.0.0.1:9/devstoreaccount1;")
+    result = subprocess.run([sys.executable, "-m", "worker", "--config", str(path)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "workload.handler" in result.stderr and "no_such_module_here" in result.stderr
