@@ -203,9 +203,10 @@ class Arbiter:
         parent_end, child_end = socket.socketpair()
         inherited = [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
         inherited += [parent_end.fileno(), self._wake_r, self._wake_w]
+        supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, os.getppid(), inherited, self.attributes)
+            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes)
         child_end.close()
         self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), time.time())
         self.respawn_at.pop(slot, None)

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterable
+from types import FrameType
 
 from worker.control import Channel
 from worker.logs import setup_logging
@@ -35,20 +36,29 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _exit_at_once(signum: int, frame: FrameType | None) -> None:
+    os._exit(128 + signum)
+
+
 def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
               inherited: Iterable[int], attributes: dict[str, str]) -> None:
     """Never returns: exits the process with the worker's exit code."""
     code = 1
     try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        # Until WorkerProcess installs its own handlers, the supervisor's would only record into a copy
+        # of its list, losing e.g. the parent-death SIGQUIT. Holding nothing yet, the child just exits.
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, _exit_at_once)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
         die_with_parent(parent_pid)
         for fd in inherited:  # the supervisor's ends of every channel: keep them and EOF never comes
             try:
                 os.close(fd)
             except OSError:
                 pass
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
         setup_logging(settings.telemetry.log_level, f"worker-{index}")
         telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index)})
         try:

@@ -90,6 +90,10 @@ class EventsThread(threading.Thread):
 def run_service(config_path: str | None) -> int:
     settings = load_settings(config_path)
     facts = read_vm_facts(settings)
+    if facts.instance is not None:
+        i = facts.instance
+        log.info("this VM: %s, %s, priority %s%s", i.name, i.vm_size, i.priority,
+                 f", eviction policy {i.eviction_policy}" if i.eviction_policy else "")
     plan = make_plan(settings, facts)
     for reason in plan.reasons:
         log.info("plan: %s", reason)
