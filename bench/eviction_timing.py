@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import signal
 import statistics
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 from local_azurite import connection_string, free_port, start_azurite, stop  # noqa: E402
+
 from supervisor.imds_simulator import ImdsSimulator  # noqa: E402
 
 STAMP = r"(\d\d:\d\d:\d\d\.\d\d\d)"
@@ -93,6 +95,7 @@ def main() -> int:
                 deadline = time.time() + 60
                 while len(completed(results)) < before + 2 and time.time() < deadline:
                     time.sleep(0.02)
+                time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
                 notice = sim.simulate_eviction(delay_s=30)
                 noticed_at = time.time()
                 code = proc.wait(60)

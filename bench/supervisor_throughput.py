@@ -169,7 +169,8 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "scripts"))
     import psutil
-    from local_azurite import connection_string, free_port, start_azurite, stop as stop_azurite
+    from local_azurite import connection_string, free_port, start_azurite
+    from local_azurite import stop as stop_azurite
 
     print(f"machine: {len(os.sched_getaffinity(0))} CPUs, Python {sys.version.split()[0]}, psutil {psutil.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}")

@@ -23,11 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "scripts"), str(REPO / "tests")]
 
 from azure.storage.queue import QueueClient  # noqa: E402
-
 from handlers import RequestLog  # noqa: E402
 from local_azurite import connection_string, free_port, start_azurite, stop  # noqa: E402
+
 from worker.runtime import WorkerRuntime  # noqa: E402
-from worker.settings import EventsSettings, QueueSettings, Settings, TelemetrySettings, WorkloadSettings  # noqa: E402
+from worker.settings import (  # noqa: E402
+    EventsSettings,
+    QueueSettings,
+    Settings,
+    TelemetrySettings,
+    WorkloadSettings,
+)
 from worker.telemetry import setup_telemetry  # noqa: E402
 
 BATCH = 32

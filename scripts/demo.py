@@ -23,7 +23,13 @@ import httpx
 from azure.storage.queue import QueueClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_azurite import connection_string, free_port, start_azurite, stop, wait_for_port  # noqa: E402
+from local_azurite import (  # noqa: E402
+    connection_string,
+    free_port,
+    start_azurite,
+    stop,
+    wait_for_port,
+)
 
 MESSAGES = 100
 QUEUE = "demo-work"

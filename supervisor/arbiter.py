@@ -26,6 +26,7 @@ from supervisor.sizing import Plan
 from worker.control import Channel
 from worker.process import EX_CONFIG
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Settled:
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, plan: Plan, telemetry: Any, attributes: dict[str, str],
+    def __init__(self, settings: Settings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[Settings, Plan]] | None = None,
                  acknowledge: Callable[[str], None] | None = None) -> None:
         self.settings = settings

@@ -41,7 +41,8 @@ def enqueue(settings: QueueSettings, bodies: Iterator[str]) -> int:
     for index, body in enumerate(bodies, 1):
         text = codec.encode_text(body)
         if text_size(text) > MAX_MESSAGE_BYTES:
-            raise EnqueueError(f"message {index} is {text_size(text)} bytes once encoded, over the queue's {MAX_MESSAGE_BYTES}-byte limit; nothing after message {index - 1} was sent")
+            raise EnqueueError(f"message {index} is {text_size(text)} bytes once encoded, "
+                               f"over the queue's {MAX_MESSAGE_BYTES}-byte limit; nothing was sent")
         texts.append(text)
     with ThreadPoolExecutor(SENDERS) as pool:
         for _ in pool.map(client.send_message, texts):

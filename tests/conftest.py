@@ -16,7 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from local_azurite import connection_string, free_port, start_azurite, stop, wait_for_port  # noqa: E402
+from local_azurite import (  # noqa: E402
+    connection_string,
+    free_port,
+    start_azurite,
+    stop,
+    wait_for_port,
+)
 
 __all__ = ["Azurite", "free_port", "wait_for_port"]
 

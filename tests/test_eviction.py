@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +14,8 @@ from typing import Any
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-
 from conftest import AZURE_FIXTURES, Azurite, child_env
+
 from supervisor.imds_simulator import ImdsSimulator
 
 SPOT = [sys.executable, "-m", "supervisor"]

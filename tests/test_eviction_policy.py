@@ -6,16 +6,19 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AZURE_FIXTURES
 
 from supervisor.eviction import Drain, EvictionPolicy, Resume
 from supervisor.imds_simulator import ImdsSimulator
-from supervisor.scheduled_events import AzureScheduledEvents, EventsDocument, ScheduledEvent
+from supervisor.scheduled_events import (
+    AzureScheduledEvents,
+    EventsDocument,
+    ScheduledEvent,
+)
 from worker.settings import DEFAULT_DRAIN_ON, EventsSettings
-from conftest import AZURE_FIXTURES
 
 VM = "vm-spot-07"
 NOT_BEFORE = datetime(2026, 11, 21, 14, 0, 30, tzinfo=timezone.utc).timestamp()  # the fixtures' Preempt

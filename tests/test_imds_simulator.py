@@ -9,15 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AZURE_FIXTURES, REPO, free_port, wait_for_port
 
-from conftest import REPO, free_port, wait_for_port
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info, parse_instance
 from supervisor.imds_simulator import ImdsSimulator
-from conftest import AZURE_FIXTURES
 
 EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
 INSTANCE = "/metadata/instance?api-version=2021-02-01"

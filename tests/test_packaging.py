@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-
 from conftest import Azurite
 
 from worker.settings import ShutdownSettings

@@ -20,10 +20,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
 from conftest import Azurite, child_env
-from supervisor.imds_simulator import ImdsSimulator
 
+from supervisor.imds_simulator import ImdsSimulator
 from supervisor.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,
@@ -239,7 +238,9 @@ def test_supervisor_starts_workers_only_once_arm_reports_succeeded(fake_azure: F
                 while "spawned worker" not in log.read_text() and time.monotonic() < deadline + 20:
                     time.sleep(0.05)
                 assert "spawned worker" in log.read_text()
-                assert fake_azure.arm_requests[-1]["path"] == "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-vmspot/providers/Microsoft.Compute/virtualMachines/vm-spot-07"
+                assert fake_azure.arm_requests[-1]["path"] == (
+                    "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-vmspot"
+                    "/providers/Microsoft.Compute/virtualMachines/vm-spot-07")
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(30) == 0
             finally:

@@ -8,19 +8,23 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AZURE_FIXTURES, free_port
 
-from conftest import free_port
 from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
 from supervisor.imds import ImdsError
 from supervisor.imds_simulator import ImdsSimulator
-from supervisor.scheduled_events import (AzureScheduledEvents, Backoff, EventsDocument, EventWatcher,
-                                         ScheduledEvent, parse_document)
+from supervisor.scheduled_events import (
+    AzureScheduledEvents,
+    Backoff,
+    EventsDocument,
+    EventWatcher,
+    ScheduledEvent,
+    parse_document,
+)
 from worker.settings import EventsSettings
-from conftest import AZURE_FIXTURES
 
 VM = "vm-spot-07"
 

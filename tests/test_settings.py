@@ -6,15 +6,23 @@ import dataclasses
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-
+import tomllib
 from conftest import REPO
-from worker.settings import (SECTIONS, ConfigError, EventsSettings, QueueSettings, ScalingSettings, Settings,
-                             StartupSettings, load_settings)
+
+from worker.settings import (
+    SECTIONS,
+    ConfigError,
+    EventsSettings,
+    QueueSettings,
+    ScalingSettings,
+    Settings,
+    StartupSettings,
+    load_settings,
+)
 
 DEFAULT_TOML = REPO / "config" / "default.toml"
 EX_CONFIG = 78

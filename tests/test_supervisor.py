@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-
 from conftest import Azurite, child_env
 
 _SCRIPT = Path(sys.executable).with_name("spot-supervisor")

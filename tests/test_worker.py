@@ -22,14 +22,25 @@ from typing import Any
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
-from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
-
+from azure.storage.queue import (
+    QueueClient,
+    TextBase64DecodePolicy,
+    TextBase64EncodePolicy,
+)
 from conftest import REPO, Azurite, child_env
 from handlers import RECORD_ENV, RequestLog, read_records, wait_for
-from worker.message import Codec
+
 from worker.consumer import Consumer
+from worker.message import Codec
 from worker.runtime import WorkerRuntime
-from worker.settings import EventsSettings, QueueSettings, Settings, TelemetrySettings, WorkloadSettings, validate
+from worker.settings import (
+    EventsSettings,
+    QueueSettings,
+    Settings,
+    TelemetrySettings,
+    WorkloadSettings,
+    validate,
+)
 from worker.telemetry import Telemetry, setup_telemetry
 
 HANDLER = "handlers:record"

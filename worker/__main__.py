@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from worker.process import EX_CONFIG, WorkerProcess
 from worker.logs import setup_logging
+from worker.process import EX_CONFIG, WorkerProcess
 from worker.settings import ConfigError, load_settings
 from worker.telemetry import setup_telemetry
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
@@ -22,22 +22,16 @@ from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
+from worker.telemetry import MESSAGE_OUTCOMES, Telemetry, mark_failed
 
 log = logging.getLogger(__name__)
 handler_log = logging.getLogger("worker.handler")
 
-OUTCOMES = ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost")
-
-
-class TelemetryHooks(Protocol):
-    def message_span(self, message_id: str, dequeue_count: int, queue: str) -> Any: ...
-    def record_message(self, outcome: str, duration_s: float) -> None: ...
-    def inflight(self, delta: int) -> None: ...
 
 
 @dataclass
 class Counters:
-    by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESSAGE_OUTCOMES, 0))
     running: int = 0
     receiving: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -57,7 +51,7 @@ class Shared:
 
     settings: QueueSettings
     handler: Callable[[Message, Context], Any]
-    telemetry: TelemetryHooks
+    telemetry: Telemetry
     codec: Codec
     leases: LeaseTable = field(default_factory=LeaseTable)
     drain: DrainSignal = field(default_factory=DrainSignal)
@@ -186,10 +180,10 @@ class Consumer:
         try:
             envelope, body = self.shared.codec.open(text)
         except UndecodableMessage as exc:
-            lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt, Envelope(text), self.settings.visibility_timeout_s)
+            lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", Envelope(text), self.settings.visibility_timeout_s)
             self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}")
             return None
-        lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt, envelope, self.settings.visibility_timeout_s)
+        lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
         dequeue_count = qm.dequeue_count or 1
         prior_failures = max(0, dequeue_count - 1 - envelope.releases)
         if prior_failures >= self.settings.max_dequeue_count:
@@ -208,8 +202,8 @@ class Consumer:
         started = time.perf_counter()
         outcome = "failed"
         try:
-            with shared.telemetry.message_span(message.id, message.dequeue_count, self.settings.name):
-                outcome = self.call_handler(message, ctx)
+            with shared.telemetry.message_span(message.id, message.dequeue_count, self.settings.name) as span:
+                outcome = self.call_handler(message, ctx, span)
             if outcome == "succeeded":
                 self.settle(lease, outcome, lease.delete)
             elif outcome == "interrupted":
@@ -224,12 +218,13 @@ class Consumer:
             shared.telemetry.record_message(outcome, duration)
             self.observe_duration(duration)
 
-    def call_handler(self, message: Message, ctx: Context) -> str:
+    def call_handler(self, message: Message, ctx: Context, span: Any) -> str:
         try:
             self.shared.handler(message, ctx)
         except Interrupted:
             return "interrupted"
         except Exception as exc:
+            mark_failed(span, exc)
             handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
                                 message.dequeue_count, type(exc).__name__, exc, exc_info=True)
             return "failed"

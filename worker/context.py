@@ -10,7 +10,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from worker.lease import Lease
-from worker.message import MAX_MESSAGE_BYTES, CheckpointTooLarge, Codec, Envelope, text_size
+from worker.message import (
+    MAX_MESSAGE_BYTES,
+    CheckpointTooLarge,
+    Codec,
+    Envelope,
+    text_size,
+)
 
 
 class DrainSignal:
@@ -73,6 +79,7 @@ class Context:
         size = text_size(text)
         if size > MAX_MESSAGE_BYTES:
             raise CheckpointTooLarge(
-                f"checkpoint would make message {self._lease.id} {size} bytes, over the queue's {MAX_MESSAGE_BYTES}-byte limit; nothing was stored"
+                f"checkpoint would make message {self._lease.id} {size} bytes, "
+                f"over the queue's {MAX_MESSAGE_BYTES}-byte limit; nothing was stored"
             )
         return self._lease.checkpoint(updated, text)

@@ -52,7 +52,7 @@ class Lease:
     def _update(self, content: str | None, visibility_timeout_s: int) -> None:
         """Caller holds the lock. Keeps the newest pop receipt."""
         receipt = self.client.update_message(self.id, self.pop_receipt, content=content, visibility_timeout=visibility_timeout_s)
-        self.pop_receipt = receipt.pop_receipt
+        self.pop_receipt = receipt.pop_receipt or self.pop_receipt
         self.renewed_at = time.monotonic()
 
     def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: LeaseState | None = None) -> bool:

@@ -19,6 +19,7 @@ from worker.control import Channel
 from worker.handler import HandlerImportError
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ STATS_INTERVAL_S = 1.0
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, telemetry: Any, threads: int = 1, channel: Channel | None = None,
+    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1, channel: Channel | None = None,
                  parent_pid: int | None = None) -> None:
         self.settings = settings
         self.telemetry = telemetry

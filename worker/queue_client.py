@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.storage.queue import ExponentialRetry, QueueClient
 
 from worker.settings import QueueSettings
@@ -21,7 +25,7 @@ def make_queue_client(settings: QueueSettings, name: str | None = None) -> Queue
         "read_timeout": settings.request_timeout_s,
         # The SDK's default waits 15 s before its first retry: far too long when a
         # drain may be waiting on this call. Our own loops back off on top of this.
-        "retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=3, random_jitter_range=0.5),
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1),
     }
     if settings.api_version:
         kwargs["api_version"] = settings.api_version

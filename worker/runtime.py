@@ -7,11 +7,12 @@ import threading
 import time
 from typing import Any
 
-from worker.consumer import Consumer, Shared, TelemetryHooks, release_all, release_pending
+from worker.consumer import Consumer, Shared, release_all, release_pending
 from worker.handler import load_handler
 from worker.lease import LeaseKeeper
 from worker.message import Codec
 from worker.settings import Settings
+from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ RECEIVE_GRACE_S = 2.0
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, telemetry: TelemetryHooks, threads: int = 1) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1) -> None:
         """Raises HandlerImportError when the handler cannot be imported."""
         handler = load_handler(settings.workload.handler)
         self.settings = settings

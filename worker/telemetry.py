@@ -32,12 +32,25 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter, LogRecordExportResult
+from opentelemetry.sdk._logs.export import (
+    BatchLogRecordProcessor,
+    LogRecordExporter,
+    LogRecordExportResult,
+)
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from worker.settings import ConfigError, TelemetrySettings
@@ -73,7 +86,6 @@ class Telemetry:
         self.role = role
         self.pid = os.getpid()
         self.exporting = bool(settings.connection_string)
-        self.benign_exceptions: tuple[type[BaseException], ...] = ()
         self.resource = Resource.create({
             **(attributes or {}),
             "service.name": settings.service_name,
@@ -122,8 +134,6 @@ class Telemetry:
                                                   description="Scheduled Events for this VM that start a drain")
         self._respawns = m.create_counter("spot.worker.respawns", unit="{process}",
                                           description="Worker processes started again after they exited")
-        self._imds_errors = m.create_counter("spot.imds.errors", unit="{request}",
-                                             description="Failed Instance Metadata Service requests")
         self._outcome_attrs = {o: {"outcome": o} for o in MESSAGE_OUTCOMES}
 
     # -- hot path ---------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ class Telemetry:
     def message_span(self, message_id: str, dequeue_count: int, queue: str) -> _MessageSpan:
         """`with telemetry.message_span(...) as span:` -- span "process message" (CONSUMER), current
         for the handler run. An exception is recorded on it and re-raised; the span is marked failed
-        unless the exception is an instance of `benign_exceptions` (set it to (worker.Interrupted,)).
+        as failed.
         """
         return _MessageSpan(self, {
             "messaging.system": MESSAGING_SYSTEM,
@@ -164,9 +174,6 @@ class Telemetry:
 
     def record_worker_respawn(self, reason: str = "exited") -> None:
         self._respawns.add(1, {"reason": reason})
-
-    def record_imds_error(self, kind: str) -> None:
-        self._imds_errors.add(1, {"kind": kind})
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -237,11 +244,16 @@ class _MessageSpan:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         span = self._span
         if exc is not None and span.is_recording():
-            span.record_exception(exc)
-            if not isinstance(exc, self._telemetry.benign_exceptions):
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            mark_failed(span, exc)
         otel_context.detach(self._token)
         span.end()
+
+
+def mark_failed(span: Span, exc: BaseException) -> None:
+    """Record a handler's exception on its span (the consumer catches it, so the span never sees it raised)."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 def setup_telemetry(settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> Telemetry:
