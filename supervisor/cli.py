@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug, not bad input: the traceback goes to the journal, systemd restarts us
+        log.exception("spot-supervisor %s failed unexpectedly", args.command)
+        return 1
 
 
 def print_plan(settings: Settings, as_json: bool) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 import httpx
 
 from supervisor.imds import ImdsError, load_json, send, status_error
+from worker.backoff import Backoff
 
 if TYPE_CHECKING:
     from supervisor.eviction import Decision, EvictionPolicy
@@ -159,24 +159,6 @@ class AzureScheduledEvents:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class Backoff:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**n))."""
-
-    def __init__(self, base_s: float = 0.5, cap_s: float = 4.0, rng: random.Random | None = None) -> None:
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.failures, 32)))
-        self.failures += 1
-        return self._rng.uniform(0.0, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class EventWatcher(threading.Thread):

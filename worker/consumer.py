@@ -17,6 +17,7 @@ from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
+from worker.backoff import Backoff
 from worker.context import Context, DrainSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
@@ -26,7 +27,6 @@ from worker.telemetry import MESSAGE_OUTCOMES, Telemetry, mark_failed
 
 log = logging.getLogger(__name__)
 handler_log = logging.getLogger("worker.handler")
-
 
 
 @dataclass
@@ -69,22 +69,6 @@ class Shared:
             return self._poison
 
 
-class Backoff:
-    """Exponential delay with jitter, for empty polls and for queue errors."""
-
-    def __init__(self, first_s: float, max_s: float) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.current = 0.0
-
-    def next(self) -> float:
-        self.current = self.first_s if self.current == 0 else min(self.max_s, self.current * 2)
-        return self.current * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.current = 0.0
-
-
 def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
     delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
@@ -97,8 +81,8 @@ class Consumer:
         self.index = index
         self.settings = shared.settings
         self.client = make_queue_client(self.settings)
-        self.idle = Backoff(0.05, self.settings.idle_poll_max_s)
-        self.errors = Backoff(0.5, 60.0)
+        self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
+        self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
 
     def receive_count(self) -> int:
@@ -122,7 +106,7 @@ class Consumer:
             try:
                 batch = self.receive_batch()
             except Exception as exc:
-                delay = self.errors.next()
+                delay = self.errors.next_delay()
                 if is_auth_error(exc):
                     log.warning("queue %s refused access (%s): the identity needs the Storage Queue Data Contributor role, "
                                 "or its assignment has not propagated yet; retrying in %.1fs", self.settings.name, describe(exc), delay)
@@ -132,7 +116,7 @@ class Consumer:
                 continue
             self.errors.reset()
             if batch is None:
-                stop.wait(self.idle.next())
+                stop.wait(self.idle.next_delay())
                 continue
             self.idle.reset()
             self.run_batch(batch)
