@@ -403,8 +403,7 @@ class Arbiter:
         if state.event is not None and state.event.acknowledge and self.acknowledge_event is not None:
             self.ack_event(state.event, last_exit)
         elif state.event is not None:
-            log.info("not acknowledging %s: %s", state.event.event_id,
-                     "other VMs are listed in it" if len(state.event.event.resources) > 1 else "acknowledgement disabled")
+            log.info("not acknowledging %s: %s", state.event.event_id, why_not_acknowledged(state.event))
         if state.event is not None and state.event.event.event_type == "Freeze":
             # A freeze pauses the VM and lets it carry on: nothing will restart this service, so resume now.
             log.info("freeze %s: resuming processing", state.event.event_id)
@@ -476,3 +475,12 @@ class Arbiter:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
         log.info("supervisor exiting (%d): %s", self.exit_code, self.status_line())
+
+
+def why_not_acknowledged(decision: Drain) -> str:
+    event = decision.event
+    if event.status == "Started":
+        return "it has already started"
+    if len(event.resources) > 1:
+        return "other VMs are listed in it, and acknowledging would approve it for them too (events.ack = \"always\" to do it anyway)"
+    return "events.ack is \"never\""

@@ -105,7 +105,8 @@ class EvictionPolicy:
     def _drain(self, event: ScheduledEvent, now: float) -> Drain:
         not_before = None if event.status == "Started" or event.not_before is None else event.not_before.timestamp()
         self._draining[event.event_id] = _Draining(event, not_before, started=not_before is None)
-        drain = Drain(event, self.deadline_for(event, now), self.should_acknowledge(event))
+        # A Started event is already under way: approving it again achieves nothing.
+        drain = Drain(event, self.deadline_for(event, now), self.should_acknowledge(event) and event.status != "Started")
         log.warning("%s %s (%s, source %s, NotBefore %s) for this VM: drain, deadline in %.1fs, acknowledge=%s",
                     event.event_type, event.event_id, event.status, event.source or "-",
                     event.not_before.isoformat() if event.not_before else "-", drain.deadline - now,
