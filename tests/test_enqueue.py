@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from azure.storage.queue import QueueClient
-
 from conftest import Azurite, child_env
 
 
