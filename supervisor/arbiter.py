@@ -192,7 +192,7 @@ class Arbiter:
         if self.drain_state is not None:
             return
         now = time.time()
-        active_slots = {w.slot for w in self.workers.values() if not w.retiring}
+        active_slots = {w.slot for w in self.workers.values() if not w.retiring and w.generation == self.generation}
         for slot in range(self.target):
             if slot in active_slots:
                 continue
@@ -224,6 +224,7 @@ class Arbiter:
             handle.ready = True
             if handle.generation == self.generation:
                 self.previous = None
+                self.retire_older_generations()
         elif kind == "stats":
             handle.stats = message
         elif kind == "draining":
@@ -262,7 +263,7 @@ class Arbiter:
                 log.error("worker %d exited with 78 (configuration)", handle.pid)
             self.config_failed(handle, "exit code 78")
             return
-        if handle.retiring or self.drain_state is not None:
+        if handle.retiring or self.drain_state is not None or handle.generation != self.generation:
             log.info("worker %d exited (%s)", handle.pid, described)
             return
         lived = time.time() - handle.started_at
@@ -295,17 +296,25 @@ class Arbiter:
         except Exception as exc:  # a bad edit must not take the running service down
             log.error("SIGHUP: keeping the running configuration: %s", exc)
             return
-        deadline = time.time() + settings.shutdown.drain_timeout_s
-        log.info("SIGHUP: reloaded configuration; replacing %d worker(s) with %d", len(self.workers), plan.workers)
-        for handle in list(self.workers.values()):
-            if not handle.retiring:
-                self.retire(handle, deadline)
+        log.info("SIGHUP: reloaded configuration; starting %d new worker(s), the %d running ones drain once they are ready",
+                 plan.workers, len(self.workers))
         if self.previous is None:  # two quick SIGHUPs: keep the last configuration known to start workers
             self.previous = (self.settings, self.plan)
         self.settings, self.plan, self.target = settings, plan, plan.workers
         self.generation += 1
         self.respawn_at.clear()
         self.slot_crashes.clear()
+
+    def retire_older_generations(self) -> None:
+        """Once every worker of the current configuration is ready, the ones before it drain (as in gunicorn:
+        new workers first, so a reload never leaves the queue unattended)."""
+        current = [w for w in self.workers.values() if w.generation == self.generation and not w.retiring]
+        if len(current) < self.target or not all(w.ready for w in current):
+            return
+        deadline = time.time() + self.settings.shutdown.drain_timeout_s
+        for handle in list(self.workers.values()):
+            if handle.generation < self.generation and not handle.retiring:
+                self.retire(handle, deadline)
 
     def config_failed(self, handle: WorkerHandle, why: str) -> None:
         """A worker cannot start with the current configuration (exit 78).
@@ -325,6 +334,9 @@ class Arbiter:
         (self.settings, self.plan), self.previous = self.previous, None
         self.target = self.plan.workers
         self.generation += 1
+        for other in self.workers.values():  # the workers of the previous configuration are current again
+            if not other.retiring:
+                other.generation = self.generation
         self.respawn_at.clear()
         self.slot_crashes.clear()
 

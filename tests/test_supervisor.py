@@ -399,6 +399,8 @@ def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurit
     (late,) = enqueue(queue, sleepy_bodies(1, 0.1))
     wait_until(lambda: late in done_ids(events), 15, "a message to be processed after the rollback")
     assert len(sup.wait_for_workers(3)) == 3, "the rollback did not restore the running worker count"
+    # New workers start before the running ones retire: the workers of the good configuration never stopped.
+    assert new <= sup.worker_pids(), "the running workers were replaced by a reload that failed"
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
 
