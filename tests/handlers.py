@@ -135,18 +135,6 @@ def read_records(path: str | os.PathLike[str], event: str | None = None) -> list
     return [r for r in records if event is None or r["event"] == event]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
-    """Poll until predicate() is truthy; return its value, or fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 class RequestLog:
     """Every HTTP request azure-core sends in this process (retries included), with its time.
 

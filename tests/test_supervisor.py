@@ -16,32 +16,20 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
 from conftest import Azurite, child_env
+from waiting import wait_until
 
 _SCRIPT = Path(sys.executable).with_name("spot-supervisor")
 SUPERVISOR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor"]
 SLEEPY = "sup_handlers:sleepy"
-T = TypeVar("T")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], T | None], timeout: float, what: str | Callable[[], str], interval: float = 0.05) -> T:
-    """Poll until condition() is truthy; `what` (or what() at the timeout) says what was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
-        time.sleep(interval)
 
 
 class Supervisor:

@@ -28,7 +28,8 @@ from azure.storage.queue import (
     TextBase64EncodePolicy,
 )
 from conftest import REPO, Azurite, child_env
-from handlers import RECORD_ENV, RequestLog, read_records, wait_for
+from handlers import RECORD_ENV, RequestLog, read_records
+from waiting import wait_until
 
 from worker.consumer import Consumer
 from worker.message import Codec
@@ -158,8 +159,8 @@ def test_success_deletes_the_message(azurite: Azurite, queue: QueueClient, queue
     sent = queue.send_message("hello wörld ✓")
     runtime = runtimes(settings_for(azurite, queue_name))
 
-    ends = wait_for(lambda: read_records(record_path, "end"), 10, what="the handler to finish")
-    wait_for(lambda: runtime.stats()["succeeded"] == 1, 5, what="the delete")
+    ends = wait_until(lambda: read_records(record_path, "end"), 10, what="the handler to finish")
+    wait_until(lambda: runtime.stats()["succeeded"] == 1, 5, what="the delete")
     [start] = read_records(record_path, "start")
     assert start["id"] == sent.id
     assert start["body"] == "hello wörld ✓"
@@ -181,7 +182,7 @@ def test_failures_retry_with_growing_delay_then_poison_the_original(
     poison = azurite.queue(f"{queue_name}-poison")
     runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=3, retry_delay_s=1.0))
 
-    wait_for(lambda: len(peek_texts(poison)) == 2, 15, what="both messages in the poison queue")
+    wait_until(lambda: len(peek_texts(poison)) == 2, 15, what="both messages in the poison queue")
     assert sorted(peek_texts(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
     assert message_count(queue) == 0
     assert message_count(poison) == 2
@@ -205,7 +206,7 @@ def test_lease_is_renewed_while_a_long_handler_runs(azurite: Azurite, queue: Que
     # the running one's or that of the one waiting its turn in the batch.
     runtime = runtimes(settings_for(azurite, queue_name, visibility_timeout_s=2, prefetch_s=0), threads=2)
 
-    wait_for(lambda: runtime.stats()["succeeded"] == 2, 12, what="both messages to succeed")
+    wait_until(lambda: runtime.stats()["succeeded"] == 2, 12, what="both messages to succeed")
     starts = by_id(read_records(record_path, "start"))
     assert [s["dequeue_count"] for s in starts[long.id]] == [1]
     assert [s["dequeue_count"] for s in starts[waiting.id]] == [1]
@@ -223,7 +224,7 @@ def test_sigkill_mid_handler_loses_nothing_and_resumes_from_checkpoint(
     record, log = tmp_path / "attempts.jsonl", tmp_path / "worker.log"
 
     with worker_process(azurite, config, record, log) as first:
-        checkpoints = wait_for(lambda: [c for c in read_records(record, "checkpoint") if c["state"]["step"] >= 3], 20,
+        checkpoints = wait_until(lambda: [c for c in read_records(record, "checkpoint") if c["state"]["step"] >= 3], 20,
                                what="three checkpoints")
         first.send_signal(signal.SIGKILL)
         assert first.wait(5) == -signal.SIGKILL
@@ -231,9 +232,9 @@ def test_sigkill_mid_handler_loses_nothing_and_resumes_from_checkpoint(
     assert checkpoints and last_seen < 10
 
     with worker_process(azurite, config, record, log) as second:
-        ends = wait_for(lambda: [e for e in read_records(record, "end") if e["pid"] == second.pid], 20,
+        ends = wait_until(lambda: [e for e in read_records(record, "end") if e["pid"] == second.pid], 20,
                         what="the second process to finish the message")
-        wait_for(lambda: message_count(queue) == 0, 5, what="the delete")
+        wait_until(lambda: message_count(queue) == 0, 5, what="the delete")
     starts = read_records(record, "start")
     assert [s["pid"] for s in starts] == [first.pid, second.pid], log.read_text()
     resumed = starts[1]
@@ -257,12 +258,12 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     for body in bodies:
         queue.send_message(body)
     runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, prefetch_s=0, visibility_timeout_s=30))
-    [running] = wait_for(lambda: read_records(record_path, "start"), 10, what="the first handler to start")
-    wait_for(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
+    [running] = wait_until(lambda: read_records(record_path, "start"), 10, what="the first handler to start")
+    wait_until(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
     began = time.monotonic()
     runtime.drain(time.time() + 30)
-    texts = wait_for(lambda: len(peek_texts(queue)) == 9 and peek_texts(queue), 1.0, interval=0.01,
+    texts = wait_until(lambda: len(peek_texts(queue)) == 9 and peek_texts(queue), 1.0, interval=0.01,
                      what="the 9 unstarted messages to be visible again")
     assert time.monotonic() - began <= 1.0
     codec = Codec("none")
@@ -272,7 +273,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     assert not runtime.idle()  # the running handler still holds its message
 
     go.touch()
-    wait_for(runtime.idle, 5, what="the running handler to finish")
+    wait_until(runtime.idle, 5, what="the running handler to finish")
     assert len(read_records(record_path, "start")) == 1
     assert message_count(queue) == 9
     assert runtime.stats()["released"] == 9 and runtime.stats()["succeeded"] == 1
@@ -284,9 +285,9 @@ def test_releases_and_interruptions_never_poison(azurite: Azurite, queue: QueueC
     queue.send_message(body)
     runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
 
-    wait_for(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 15,
+    wait_until(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 15,
              what="the sixth attempt to succeed")
-    wait_for(lambda: message_count(queue) == 0, 5, what="the delete")
+    wait_until(lambda: message_count(queue) == 0, 5, what="the delete")
     ends = read_records(record_path, "end")
     assert [e["outcome"] for e in ends] == ["interrupted"] * 4 + ["failed", "succeeded"]
     starts = read_records(record_path, "start")
@@ -315,8 +316,8 @@ def test_base64_messages_checkpoints_and_undecodable_poison(azurite: Azurite, qu
     poison = azurite.queue(f"{queue_name}-poison")
 
     runtime = runtimes(settings_for(azurite, queue_name, message_encoding="base64", max_dequeue_count=1))
-    wait_for(lambda: len(peek_texts(poison)) == 3, 10, what="two undecodable and one failed message in poison")
-    wait_for(lambda: message_count(queue) == 0, 5, what="the delete")
+    wait_until(lambda: len(peek_texts(poison)) == 3, 10, what="two undecodable and one failed message in poison")
+    wait_until(lambda: message_count(queue) == 0, 5, what="the delete")
 
     starts = read_records(record_path, "start")
     assert {s["body"] for s in starts} == {text, checkpointed}  # the undecodable ones never reached the handler
@@ -335,7 +336,7 @@ def test_checkpoint_over_64k_raises_and_changes_nothing(azurite: Azurite, queue:
     (b64_client(azurite, queue_name) if encoding == "base64" else queue).send_message(body)
     runtimes(settings_for(azurite, queue_name, message_encoding=encoding))
 
-    wait_for(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 10,
+    wait_until(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 10,
              what="the second attempt")
     events = [r["event"] for r in read_records(record_path) if r["dequeue_count"] == 1]
     assert events == ["start", "checkpoint", "too_large", "end"]
@@ -358,25 +359,25 @@ def test_lost_lease_is_logged_and_the_worker_goes_on(azurite: Azurite, queue: Qu
     # 1. Another client deletes the message (here: clears the queue) while the handler runs: the delete finds nothing.
     deleted_go = tmp_path / "deleted-go"
     queue.send_message(json.dumps({"wait_file": str(deleted_go)}))
-    wait_for(lambda: read_records(record_path, "start"), 10, what="the first handler")
+    wait_until(lambda: read_records(record_path, "start"), 10, what="the first handler")
     queue.clear_messages()
     deleted_go.touch()
-    wait_for(lambda: runtime.stats()["lease_lost"] == 1, 5, what="the lost delete")
+    wait_until(lambda: runtime.stats()["lease_lost"] == 1, 5, what="the lost delete")
 
     # 2. Another consumer updates the message (new pop receipt) while the handler runs: its checkpoint is refused.
     updated_go = tmp_path / "updated-go"
     updated = queue.send_message(json.dumps({"wait_file": str(updated_go), "after_wait_checkpoint": {"x": 1}}))
-    start = wait_for(lambda: [s for s in read_records(record_path, "start") if s["id"] == updated.id], 10,
+    start = wait_until(lambda: [s for s in read_records(record_path, "start") if s["id"] == updated.id], 10,
                      what="the second handler")[0]
     queue.update_message(updated.id, start["receipt"], content="taken by someone else", visibility_timeout=60)
     updated_go.touch()
-    wait_for(lambda: runtime.stats()["lease_lost"] == 2, 5, what="the refused checkpoint")
+    wait_until(lambda: runtime.stats()["lease_lost"] == 2, 5, what="the refused checkpoint")
     [refused] = [c for c in read_records(record_path, "checkpoint") if c["id"] == updated.id]
     assert refused["stored"] is False
 
     # 3. The same worker still processes new messages.
     after = queue.send_message("after")
-    wait_for(lambda: runtime.stats()["succeeded"] == 1, 10, what="a later message to succeed")
+    wait_until(lambda: runtime.stats()["succeeded"] == 1, 10, what="a later message to succeed")
     assert [s["id"] for s in read_records(record_path, "start")][-1] == after.id
     assert all(t.is_alive() for t in runtime.consumer_threads)
     lost = [r for r in caplog.records if "lease lost" in r.getMessage()]
@@ -402,7 +403,7 @@ def test_empty_queue_polls_back_off_and_drain_wakes_an_idle_worker(azurite: Azur
 
     began = time.monotonic()
     runtime.drain(time.time() + 30)
-    wait_for(lambda: not any(t.is_alive() for t in runtime.consumer_threads), 0.2, interval=0.005,
+    wait_until(lambda: not any(t.is_alive() for t in runtime.consumer_threads), 0.2, interval=0.005,
              what="the sleeping consumer to wake and stop")
     assert runtime.idle()
     assert time.monotonic() - began <= 0.25
@@ -420,7 +421,7 @@ def test_sigterm_drains_and_exits_0_leaving_unprocessed_messages(azurite: Azurit
     record, log = tmp_path / "attempts.jsonl", tmp_path / "worker.log"
 
     with worker_process(azurite, config, record, log) as proc:
-        wait_for(lambda: read_records(record, "start"), 20, what="a handler to start")
+        wait_until(lambda: read_records(record, "start"), 20, what="a handler to start")
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, log.read_text()
@@ -440,7 +441,7 @@ def test_sigquit_releases_at_once_and_exits(azurite: Azurite, queue: QueueClient
     record, log = tmp_path / "attempts.jsonl", tmp_path / "worker.log"
 
     with worker_process(azurite, config, record, log) as proc:
-        wait_for(lambda: read_records(record, "checkpoint"), 20, what="a handler to checkpoint")
+        wait_until(lambda: read_records(record, "checkpoint"), 20, what="a handler to checkpoint")
         began = time.monotonic()
         proc.send_signal(signal.SIGQUIT)
         assert proc.wait(10) == 0, log.read_text()
@@ -460,9 +461,9 @@ def test_prefetch_leaves_slow_work_to_other_vms(azurite: Azurite, queue: QueueCl
         queue.send_message(json.dumps({"sleep": 0.4}))
     settings = settings_for(azurite, queue_name, prefetch_s=0.5)
     first = runtimes(settings)
-    wait_for(lambda: first.stats()["succeeded"] >= 1, 10, what="the first worker to learn the handler's duration")
+    wait_until(lambda: first.stats()["succeeded"] >= 1, 10, what="the first worker to learn the handler's duration")
     second = runtimes(settings)
-    wait_for(lambda: first.stats()["succeeded"] + second.stats()["succeeded"] == 8, 20, what="all messages done")
+    wait_until(lambda: first.stats()["succeeded"] + second.stats()["succeeded"] == 8, 20, what="all messages done")
     assert second.stats()["succeeded"] >= 2, (first.stats(), second.stats())
 
 
