@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import AZURE_FIXTURES, Azurite, child_env
+from conftest import AZURE_FIXTURES, Azurite, child_env, free_port
 
 from supervisor.imds_simulator import ImdsSimulator
 
@@ -203,3 +203,15 @@ def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged
     assert "drain (Preempt C0FFEE00" in sup.text()
     assert "other VMs are listed in it" in sup.text()
     assert simulator.acks() == []
+
+
+def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Supervisor], queue: QueueClient,
+                                                      tmp_path: Path) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens: like IMDS off Azure
+    sup = start(events_endpoint=nobody, events_vm_name="")
+    enqueue(queue, 3, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done without IMDS")
+    warnings = [line for line in sup.text().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "instance metadata unavailable" in warnings[0], warnings
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(20) == 0
