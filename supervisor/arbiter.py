@@ -56,6 +56,7 @@ class DrainInProgress:
     abandon_sent: bool = False
     waiting_for: set[int] = field(default_factory=set)  # pids not yet reported "stopped receiving"
     last_stopped_at: float = 0.0
+    holding: bool = False  # drained, event not acknowledged: wait for it to start or be cancelled
 
 
 @dataclass
@@ -164,7 +165,10 @@ class Arbiter:
             if signum == signal.SIGCHLD:
                 continue  # reap_workers runs on every turn
             name = signal.Signals(signum).name
-            if signum in (signal.SIGTERM, signal.SIGINT):
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) and self.drain_state and self.drain_state.holding:
+                log.info("%s while holding after a drain: exiting", name)
+                self.exit_code = 0
+            elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.drain(f"{name}", time.time() + self.settings.shutdown.drain_timeout_s)
             elif signum == signal.SIGQUIT:
                 self.drain(f"{name} (fast stop)", time.time())
@@ -394,7 +398,8 @@ class Arbiter:
             return
         now = time.time()
         if not self.workers:
-            self.drained()
+            if not state.holding:
+                self.drained()
             return
         if now >= state.deadline and not state.abandon_sent:
             state.abandon_sent = True
@@ -412,8 +417,9 @@ class Arbiter:
         last_exit = time.time()
         self.telemetry.record_drain(last_exit - state.started_at, state.reason)
         log.info("drained in %.3fs (%s)", last_exit - state.started_at, state.reason)
+        acknowledged = False
         if state.event is not None and state.event.acknowledge and self.acknowledge_event is not None:
-            self.ack_event(state.event, last_exit)
+            acknowledged = self.ack_event(state.event, last_exit)
         elif state.event is not None:
             log.info("not acknowledging %s: %s", state.event.event_id, why_not_acknowledged(state.event))
         if state.event is not None and state.event.event.event_type == "Freeze":
@@ -421,9 +427,15 @@ class Arbiter:
             log.info("freeze %s: resuming processing", state.event.event_id)
             self.drain_state = None
             return
+        if state.event is not None and not acknowledged and state.event.event.status != "Started":
+            # Not approved by us, so it may still be cancelled: stay (without workers) to resume if it is.
+            state.holding = True
+            log.info("drained; holding until %s starts or is cancelled", state.event.event_id)
+            sdnotify.status(f"drained, holding for {state.event.event_id}")
+            return
         self.exit_code = 0
 
-    def ack_event(self, decision: Drain, last_exit: float) -> None:
+    def ack_event(self, decision: Drain, last_exit: float) -> bool:
         assert self.acknowledge_event is not None
         for attempt in range(3):
             try:
@@ -433,7 +445,8 @@ class Arbiter:
                 time.sleep(0.2 * (attempt + 1))
                 continue
             log.info("acknowledged %s %.3fs after the last worker exited", decision.event_id, time.time() - last_exit)
-            return
+            return True
+        return False
 
     def kill_worker(self, pid: int, sig: int) -> None:
         try:

@@ -199,10 +199,29 @@ def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged
     assert sup.proc.poll() is None and "drain (" not in sup.text()
 
     simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-shared.json").read_text()))
-    assert sup.proc.wait(15) == 0
+    sup.wait_for_log("holding until C0FFEE00")  # drained, but not approved for the neighbour: it may still be cancelled
     assert "drain (Preempt C0FFEE00" in sup.text()
     assert "other VMs are listed in it" in sup.text()
+    assert sup.worker_pids() == set() and sup.proc.poll() is None
     assert simulator.acks() == []
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(15) == 0
+
+
+def test_a_shared_event_cancelled_after_the_drain_resumes_processing(
+        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start()
+    sup.wait_for_log("ready:")
+    notice = simulator.simulate_eviction(delay_s=30, resources=["vm-spot-07", "other-vm"])
+    sup.wait_for_log(f"holding until {notice['EventId']}")
+    assert sup.worker_pids() == set()
+    simulator.cancel_event(notice["EventId"])
+    sup.wait_for_log("was cancelled")
+    enqueue(queue, 2, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "work after the cancelled eviction")
+    assert simulator.acks() == []
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(20) == 0
 
 
 def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Supervisor], queue: QueueClient,
