@@ -57,6 +57,8 @@ class DrainInProgress:
     waiting_for: set[int] = field(default_factory=set)  # pids not yet reported "stopped receiving"
     last_stopped_at: float = 0.0
     holding: bool = False  # drained, event not acknowledged: wait for it to start or be cancelled
+    stop_requested: bool = False  # a signal asked for a stop: never resume, never hold
+    killed: bool = False
 
 
 @dataclass
@@ -169,9 +171,9 @@ class Arbiter:
                 log.info("%s while holding after a drain: exiting", name)
                 self.exit_code = 0
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self.drain(f"{name}", time.time() + self.settings.shutdown.drain_timeout_s)
+                self.drain(f"{name}", time.time() + self.settings.shutdown.drain_timeout_s, stop=True)
             elif signum == signal.SIGQUIT:
-                self.drain(f"{name} (fast stop)", time.time())
+                self.drain(f"{name} (fast stop)", time.time(), stop=True)
             elif signum == signal.SIGHUP:
                 self.reload()
             elif signum == signal.SIGTTIN:
@@ -346,9 +348,10 @@ class Arbiter:
 
     # --- drain
 
-    def drain(self, reason: str, deadline: float, event: Drain | None = None) -> None:
+    def drain(self, reason: str, deadline: float, event: Drain | None = None, stop: bool = False) -> None:
         """Every worker: stop receiving, release unstarted messages, finish by the deadline."""
         if self.drain_state is not None:
+            self.drain_state.stop_requested |= stop
             if deadline < self.drain_state.deadline:
                 self.drain_state.deadline = deadline
                 for handle in self.workers.values():
@@ -357,7 +360,7 @@ class Arbiter:
                 self.drain_state.event = event
             return
         now = time.time()
-        self.drain_state = DrainInProgress(reason, deadline, now, event, waiting_for=set(self.workers))
+        self.drain_state = DrainInProgress(reason, deadline, now, event, waiting_for=set(self.workers), stop_requested=stop)
         log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.workers), deadline - now)
         sdnotify.stopping(f"draining: {reason}")
         for handle in self.workers.values():
@@ -374,6 +377,10 @@ class Arbiter:
     def on_event_cancelled(self, decision: Resume) -> None:
         state = self.drain_state
         if state is None or state.event is None or state.event.event_id != decision.event_id:
+            return
+        if state.stop_requested:
+            log.info("event %s was cancelled, but a stop was requested: draining on", decision.event_id)
+            state.event = None
             return
         log.warning("event %s was cancelled (%s): resuming processing", decision.event_id, decision.reason)
         self.drain_state = None
@@ -406,7 +413,8 @@ class Arbiter:
             log.warning("drain deadline reached: %d worker(s) still busy, releasing their messages", len(self.workers))
             for handle in self.workers.values():
                 handle.channel.send("abandon")
-        if now >= state.deadline + self.settings.shutdown.kill_grace_s:
+        if now >= state.deadline + self.settings.shutdown.kill_grace_s and not state.killed:
+            state.killed = True
             for handle in self.workers.values():
                 log.error("worker %d did not exit %.1fs after the deadline: killing it", handle.pid, self.settings.shutdown.kill_grace_s)
                 self.kill_worker(handle.pid, signal.SIGKILL)
@@ -427,7 +435,7 @@ class Arbiter:
             log.info("freeze %s: resuming processing", state.event.event_id)
             self.drain_state = None
             return
-        if state.event is not None and not acknowledged and state.event.event.status != "Started":
+        if state.event is not None and not acknowledged and not state.stop_requested and state.event.event.status != "Started":
             # Not approved by us, so it may still be cancelled: stay (without workers) to resume if it is.
             state.holding = True
             log.info("drained; holding until %s starts or is cancelled", state.event.event_id)

@@ -57,7 +57,7 @@ def record(message: Message, ctx: Context) -> None:
     except Interrupted:
         emit("end", outcome="interrupted")
         raise
-    except Exception as exc:
+    except BaseException as exc:
         emit("end", outcome="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     emit("end", outcome="succeeded")
@@ -91,6 +91,8 @@ def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..
         emit("checkpoint", state=spec["after_wait_checkpoint"], stored=ctx.checkpoint(spec["after_wait_checkpoint"]))
     if message.dequeue_count <= int(spec.get("interrupt_until", 0)):
         raise Interrupted()
+    if spec.get("exit"):
+        raise SystemExit(int(spec["exit"]))
     if spec.get("fail") or message.dequeue_count <= int(spec.get("fail_until", 0)):
         raise RuntimeError(f"failing on purpose (attempt {message.dequeue_count})")
 

@@ -234,3 +234,19 @@ def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Super
     assert len(warnings) == 1 and "instance metadata unavailable" in warnings[0], warnings
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
+
+
+def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
+        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    queue.send_message(json.dumps({"seconds": 2}))
+    sup = start(workload_handler="evict_handlers:stubborn")
+    sup.wait_for(lambda: (tmp_path / "stubborn.started").exists(), 20, "the handler to start")
+    notice = simulator.simulate_eviction(delay_s=30)
+    sup.wait_for_log("drain (Preempt")
+    sup.proc.send_signal(signal.SIGTERM)  # systemctl stop meanwhile
+    time.sleep(0.3)
+    simulator.cancel_event(notice["EventId"])
+    sup.wait_for_log("a stop was requested: draining on")
+    assert sup.proc.wait(20) == 0
+    assert "resuming processing" not in sup.text()
+    assert simulator.acks() == []

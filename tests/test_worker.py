@@ -31,8 +31,10 @@ from conftest import REPO, Azurite, child_env
 from handlers import RECORD_ENV, RequestLog, read_records
 from waiting import wait_until
 
-from worker.consumer import Consumer
-from worker.message import Codec
+from worker.consumer import Consumer, Shared, release_pending
+from worker.lease import Lease
+from worker.message import Codec, Envelope
+from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
     EventsSettings,
@@ -480,3 +482,27 @@ def test_receive_count_follows_the_handler_duration() -> None:
     assert consumer.receive_count() == 1
     consumer.settings = QueueSettings(connection_string="x", batch_size=7, prefetch_s=0)
     assert consumer.receive_count() == 7  # prefetch off
+
+
+def test_a_handler_calling_sys_exit_fails_the_message_not_the_consumer(
+        azurite: Azurite, queue: QueueClient, queue_name: str, runtimes: Callable[..., WorkerRuntime]) -> None:
+    queue.send_message(json.dumps({"exit": 3}))
+    runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=1))
+    poison = azurite.queue(f"{queue_name}-poison")
+    wait_until(lambda: runtime.stats()["poisoned"] == 1, 10, what="the message to be poisoned")
+    assert peek_texts(poison) == [json.dumps({"exit": 3})]
+    queue.send_message(json.dumps({"n": 1}))
+    wait_until(lambda: runtime.stats()["succeeded"] == 1, 10, what="the same consumer to go on")
+    assert not runtime.crashed()
+
+
+def test_a_release_that_fails_drops_the_lease_so_a_drain_is_not_held_up(
+        azurite: Azurite, queue: QueueClient, queue_name: str, telemetry: Telemetry) -> None:
+    queue.send_message("held")
+    [received] = list(queue.receive_messages(max_messages=1, visibility_timeout=30))
+    settings = settings_for(azurite, queue_name).queue
+    shared = Shared(settings, lambda m, c: None, telemetry, Codec("none"))
+    stale = Lease(make_queue_client(settings), shared.codec, received.id, "not-the-pop-receipt", Envelope("held"), 30)
+    shared.leases.add(stale)
+    assert release_pending(shared) == 0  # the service refuses: PopReceiptMismatch
+    assert len(shared.leases) == 0, "a lost lease stayed in the table: idle() would wait for the deadline"

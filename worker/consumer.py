@@ -125,7 +125,9 @@ class Consumer:
         """Receive and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
         counters = self.shared.counters
-        with counters.lock:
+        with counters.lock:  # checked and counted together: WorkerRuntime.drain sets stop under this lock
+            if self.shared.stop_receiving.is_set():
+                return None
             counters.receiving += 1
         try:
             received = self.receive()
@@ -155,8 +157,10 @@ class Consumer:
             release_pending(self.shared)  # received after the drain began: give them straight back
             return
         for lease, message, prior_failures in batch:
-            if lease.start():  # False: a drain released it meanwhile
+            if lease.start():
                 self.run_handler(lease, message, prior_failures)
+            else:  # released by a drain, or its lease was lost while it waited
+                self.shared.leases.remove(lease)
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
         """Lease and Message for a received message, or None when it went straight to poison."""
@@ -207,7 +211,7 @@ class Consumer:
             self.shared.handler(message, ctx)
         except Interrupted:
             return "interrupted"
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit from a handler is a failed message, not a dead consumer
             mark_failed(span, exc)
             handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
                                 message.dequeue_count, type(exc).__name__, exc, exc_info=True)
@@ -235,35 +239,30 @@ class Consumer:
         self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)))
 
     def poison(self, lease: Lease, reason: str) -> None:
-        """Copy the original text to <name>-poison, then delete: never the other way round."""
-        def move() -> bool:
-            self.shared.poison_client().send_message(lease.envelope.original)
-            return lease.delete()
-
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
-        self.settle(lease, "poisoned", move)
+        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client()))
 
 
 def release_pending(shared: Shared) -> int:
     """Give back every received-but-unstarted message at once (visibility 0); returns how many."""
-    released = 0
-    for lease in shared.leases.snapshot():
-        if lease.state is LeaseState.PENDING and lease.release(only_if_pending=True):
-            shared.leases.remove(lease)
-            shared.counters.add("released")
-            released += 1
-    return released
+    return _release(shared, pending_only=True)
 
 
 def release_all(shared: Shared) -> int:
     """At the deadline: give back everything, running handlers' messages included, keeping their checkpoints."""
+    return _release(shared, pending_only=False)
+
+
+def _release(shared: Shared, pending_only: bool) -> int:
     released = 0
     for lease in shared.leases.snapshot():
         try:
-            if lease.release():
+            if lease.release(only_if_pending=pending_only):
                 released += 1
                 shared.counters.add("released")
-        except Exception as exc:
+        except Exception as exc:  # one failing call must not keep the others from being released
             log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
-        shared.leases.remove(lease)
+            lease.finish_without_call()
+        if lease.state is LeaseState.DONE:  # released, lost, or given up: nothing more to do with it
+            shared.leases.remove(lease)
     return released

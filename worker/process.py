@@ -63,27 +63,32 @@ class WorkerProcess:
         runtime.start()
         self._send("ready", threads=self.threads)
         try:
-            self._loop(runtime)
+            code = self._loop(runtime)
         finally:
             runtime.close()
         stats = runtime.stats()
         log.info("worker exiting: %s", _format_counts(stats))
         self._send("drained", abandoned=runtime.abandoned, **stats)
-        return 0
+        return code
 
-    def _loop(self, runtime: WorkerRuntime) -> None:
+    def _loop(self, runtime: WorkerRuntime) -> int:
+        """Runs until drained (0), or until a consumer thread died (1: the supervisor respawns the process)."""
         next_stats = 0.0
         while True:
             self._wait_for_input()
             self._act_on_signals(runtime)
             self._act_on_control(runtime)
             now = time.time()
+            if runtime.crashed():
+                log.error("a consumer thread died: releasing held messages, exiting for a fresh process")
+                runtime.abandon()
+                return 1
             if self.deadline is not None:
                 if runtime.idle():
-                    return
+                    return 0
                 if now >= self.deadline:
                     runtime.abandon()
-                    return
+                    return 0
             if self.channel is not None and now >= next_stats:
                 self._send("stats", **runtime.stats())
                 next_stats = now + STATS_INTERVAL_S

@@ -50,9 +50,10 @@ class WorkerRuntime:
     def drain(self, deadline: float) -> int:
         """Stop receiving, release unstarted messages, let running handlers see ctx.draining."""
         self.shared.drain.start(deadline)
-        if not self.shared.stop_receiving.is_set():
-            self.shared.stop_receiving.set()
-            self.stopped_receiving_at = time.time()
+        with self.shared.counters.lock:  # see Consumer.receive_batch
+            if not self.shared.stop_receiving.is_set():
+                self.shared.stop_receiving.set()
+                self.stopped_receiving_at = time.time()
         released = release_pending(self.shared)
         if released:
             log.info("drain: released %d unstarted message(s)", released)
@@ -84,6 +85,10 @@ class WorkerRuntime:
             return False
         waited = time.time() - (self.stopped_receiving_at or time.time())
         return not receiving or waited >= RECEIVE_GRACE_S
+
+    def crashed(self) -> bool:
+        """A consumer thread died outside a drain (a bug): the process should go and be respawned."""
+        return not self.shared.stop_receiving.is_set() and not all(t.is_alive() for t in self.consumer_threads)
 
     def close(self) -> None:
         self._keeper_stop.set()
