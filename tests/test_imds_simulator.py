@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from conftest import AZURE_FIXTURES, REPO, free_port, wait_for_port
+from waiting import wait_until
 
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info, parse_instance
 from supervisor.imds_simulator import ImdsSimulator
@@ -41,16 +42,6 @@ def events(http: httpx.Client) -> dict:
     response = http.get(EVENTS, headers=MD)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_until(predicate, timeout: float = 3.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 # -- instance metadata ---------------------------------------------------------
@@ -168,18 +159,18 @@ def test_events_start_at_not_before_then_complete(http: httpx.Client) -> None:
                                                  "complete_after_s": 0.3}).json()
     first = events(http)
     assert first["Events"][0]["EventStatus"] == "Scheduled"
-    started = wait_until(lambda: (d := events(http))["Events"] and d["Events"][0]["EventStatus"] == "Started" and d)
+    started = wait_until(lambda: (d := events(http))["Events"] and d["Events"][0]["EventStatus"] == "Started" and d, 3.0)
     assert started["Events"][0]["NotBefore"] == ""
     assert started["Events"][0]["EventId"] == created["EventId"]
     assert started["DocumentIncarnation"] != first["DocumentIncarnation"]
-    gone = wait_until(lambda: not (d := events(http))["Events"] and d)
+    gone = wait_until(lambda: not (d := events(http))["Events"] and d, 3.0)
     assert gone["DocumentIncarnation"] not in (first["DocumentIncarnation"], started["DocumentIncarnation"])
 
 
 def test_eviction_can_appear_later(sim: ImdsSimulator, http: httpx.Client) -> None:
     created = sim.simulate_eviction(delay_s=5, after_s=0.3)
     assert events(http)["Events"] == []
-    doc = wait_until(lambda: (d := events(http))["Events"] and d, timeout=2)
+    doc = wait_until(lambda: (d := events(http))["Events"] and d, 2.0)
     assert doc["Events"][0]["EventId"] == created["EventId"]
 
 
@@ -356,7 +347,7 @@ def test_cli_serves_in_the_foreground_until_sigterm() -> None:
         wait_for_port(port, timeout=10)
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, trust_env=False, timeout=2) as http:
-            doc = wait_until(lambda: (d := events(http))["Events"] and d)
+            doc = wait_until(lambda: (d := events(http))["Events"] and d, 3.0)
             (event,) = doc["Events"]
             assert (event["EventType"], event["Resources"]) == ("Preempt", ["vm-cli"])
             assert http.get(INSTANCE, headers=MD).json()["compute"]["name"] == "vm-cli"
