@@ -1,0 +1,54 @@
+"""The three benchmark workloads, and the handler each tool calls for them.
+
+The same function does the work whoever calls it: spot-supervisor (handler
+"workloads:<name>", called with (message, ctx)), the bare SDK loop and the
+Celery task (both call `run(name, body)`). Each records its completion in the
+log named by BENCH_DONE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from common import record_completion
+
+
+def _noop(body: str) -> None:
+    return None
+
+
+def _cpu20(body: str) -> None:
+    """20 ms of CPU time (SHA-256 chained), measured on this thread's CPU clock."""
+    digest = body.encode()
+    until = time.thread_time() + 0.020
+    while time.thread_time() < until:
+        for _ in range(200):
+            digest = hashlib.sha256(digest).digest()
+
+
+def _io200(body: str) -> None:
+    """200 ms waiting on I/O (a sleep: the process is idle, as on a slow HTTP call)."""
+    time.sleep(0.200)
+
+
+WORKLOADS = {"noop": _noop, "cpu20": _cpu20, "io200": _io200}
+
+
+def run(name: str, body: str) -> None:
+    WORKLOADS[name](body)
+    record_completion(body)
+
+
+# spot-supervisor handlers: handle(message, ctx)
+def noop(message: Any, ctx: Any) -> None:
+    run("noop", message.body)
+
+
+def cpu20(message: Any, ctx: Any) -> None:
+    run("cpu20", message.body)
+
+
+def io200(message: Any, ctx: Any) -> None:
+    run("io200", message.body)
