@@ -1,31 +1,46 @@
 """The floor: the plainest correct consumer one would write with the SDK alone.
 
-    python bench/bare_loop.py <workload>   (BENCH_DONE, BENCH_QUEUE, BENCH_CONNECTION in the environment)
+    python bench/bare_loop.py <workload> [--processes N] [--batch 32]   (BENCH_CONNECTION, BENCH_QUEUE, BENCH_DONE in the environment)
 
-Get Messages (32 at a time, 60 s visibility), run each, delete it; stop at the
-first empty page. No leases renewed, no retries, no drain: what the queue costs
-and nothing more. The throughput benchmark starts N of these processes.
+Each process: Get Messages (--batch at a time, 60 s visibility), run each, delete
+it; stop at the first empty page. No leases renewed, no retries, no drain: what
+the queue costs and nothing more. With --processes N the parent starts N such
+processes and waits for them.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 import sys
 
 from azure.storage.queue import QueueClient
 from workloads import run
 
 
-def main() -> int:
-    workload = sys.argv[1]
+def consume(workload: str, batch: int) -> None:
     client = QueueClient.from_connection_string(os.environ["BENCH_CONNECTION"], os.environ["BENCH_QUEUE"])
     while True:
-        page = list(next(client.receive_messages(max_messages=32, messages_per_page=32, visibility_timeout=60).by_page(), []))
+        page = list(next(client.receive_messages(max_messages=batch, messages_per_page=batch, visibility_timeout=60).by_page(), []))
         if not page:
-            return 0
+            return
         for message in page:
             run(workload, message.content)
             client.delete_message(message.id, message.pop_receipt)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    if args.processes == 1:
+        consume(args.workload, args.batch)
+        return 0
+    children = [subprocess.Popen([sys.executable, __file__, args.workload, "--batch", str(args.batch)]) for _ in range(args.processes)]
+    return max(child.wait() for child in children)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from local_azurite import connection_string, free_port, start_azurite  # noqa: E
 from local_azurite import stop as stop_azurite  # noqa: E402
 
 # Environment variables the bench handlers and the counting sitecustomize read.
-DONE_ENV = "BENCH_DONE"  # completion log: one line "<epoch> <pid> <body>" per finished message
+DONE_ENV = "BENCH_DONE"  # completion log: one line "<end epoch> <start epoch> <pid> <body>" per finished message
 REQUESTS_ENV = "BENCH_REQUESTS"  # request log: one byte per HTTP request (the method's initial)
 
 
@@ -75,7 +75,8 @@ def approximate_count(client: Any) -> int:
 
 @dataclass(frozen=True)
 class Completion:
-    time: float
+    time: float  # when the handler finished
+    started: float  # when it began
     pid: int
     body: str
 
@@ -91,8 +92,8 @@ class CompletionLog:
             return []
         out = []
         for line in self.path.read_text().splitlines():
-            stamp, pid, body = line.split(" ", 2)
-            out.append(Completion(float(stamp), int(pid), body))
+            end, start, pid, body = line.split(" ", 3)
+            out.append(Completion(float(end), float(start), int(pid), body))
         return out
 
     def count(self) -> int:
@@ -111,13 +112,15 @@ class CompletionLog:
             time.sleep(0.02)
 
 
-def record_completion(body: str) -> None:
+def record_completion(body: str, started: float | None = None) -> None:
+    """Append "<end> <start> <pid> <body>" to the completion log (one write: lines never interleave)."""
     path = os.environ.get(DONE_ENV)
     if not path:
         return
+    end = time.time()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{time.time():.6f} {os.getpid()} {body}\n".encode())
+        os.write(fd, f"{end:.6f} {started or end:.6f} {os.getpid()} {body}\n".encode())
     finally:
         os.close(fd)
 

@@ -1,148 +1,334 @@
-"""Eviction timing over N simulated evictions, and messages lost (must be 0).
+"""Eviction timing over N simulated evictions with work in flight, and messages lost (must be 0).
 
-Per round: a supervisor with 2 workers on a queue of sample messages (checkpointing
-CPU work), an eviction notice from the IMDS simulator once work is under way, then
-the supervisor drains, acknowledges and exits. At the end a supervisor without
-events finishes the queue and every message id must have completed.
+Per round, on a fresh queue of M sample messages (checkpointing CPU work, the round
+number in each body): a supervisor with 2 workers, an eviction notice from the IMDS
+simulator once work is under way (at a random point of the poll cycle), then the
+supervisor drains, acknowledges and exits. Meanwhile the queue is polled every ~5 ms
+until every message of the round that is not completed is visible again. Then a
+"replacement VM" supervisor (no events) finishes that round's queue.
 
-Prints p50/p95 of: notice → every worker stopped receiving, drain start → every
-worker stopped receiving, last worker exit → acknowledgement, notice → acknowledgement.
-Run: .venv/bin/python bench/eviction_timing.py [--rounds 20] [--poll 1.0]
+Prints p50/p95/max of: notice → every worker stopped receiving, drain start → every
+worker stopped receiving, last worker exit → acknowledgement, notice → acknowledgement,
+notice → released messages visible again; and the message accounting over all rounds.
+
+Run: .venv/bin/python bench/eviction_timing.py [--rounds 20] [--poll 1.0] [--messages 30] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from subprocess import Popen, TimeoutExpired
+from typing import Any
 
-from azure.storage.queue import QueueClient
+from common import approximate_count, azurite, child_env, fill, new_queue, pct, save, spawn, stop_tree, visible_count
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
+from supervisor.imds_simulator import ImdsSimulator  # importable: common put the repo on sys.path
 
-from local_azurite import connection_string, free_port, start_azurite, stop  # noqa: E402
+WORKERS = 2
+CHUNKS = 10
+CHUNK_MS = 20
+NOTICE_S = 30.0  # NotBefore of the simulated eviction, as on Azure
+PEEK_MAX = 32  # peek_messages returns at most 32: the release check sees the whole queue only up to that
+RELEASE_POLL_S = 0.005
+RELEASE_TIMEOUT_S = 30.0
+IN_FLIGHT_TIMEOUT_S = 60.0
+EXIT_TIMEOUT_S = 60.0
+FINISH_TIMEOUT_S = 120.0
+COMMAND = [sys.executable, "-m", "supervisor", "run"]
+STAMP = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d)")
 
-from supervisor.imds_simulator import ImdsSimulator  # noqa: E402
+METRICS = {  # Round attribute → printed name
+    "notice_to_stopped_s": "notice -> every worker stopped receiving",
+    "drain_to_stopped_s": "drain start -> every worker stopped receiving",
+    "exit_to_ack_s": "last worker exit -> acknowledgement",
+    "notice_to_ack_s": "notice -> acknowledgement",
+    "notice_to_released_s": "notice -> released messages visible again",
+}
 
-STAMP = r"(\d\d:\d\d:\d\d\.\d\d\d)"
+
+@dataclass
+class Round:
+    number: int
+    queue: str
+    exit_code: int | None = None
+    notice_to_stopped_s: float | None = None
+    drain_to_stopped_s: float | None = None
+    exit_to_ack_s: float | None = None
+    notice_to_ack_s: float | None = None
+    notice_to_released_s: float | None = None
+    completed_before_notice: int = 0
+    completed_by_evicted: int = 0  # unique messages completed before the replacement started
+    visible_when_released: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+# --- reading what the processes wrote ------------------------------------------------------------------
+
+
+def completions(results: Path, round_no: int) -> list[dict[str, Any]]:
+    """The sample handler's records for this round's messages (complete lines only: a write may be under way)."""
+    if not results.exists():
+        return []
+    lines = results.read_text().split("\n")[:-1]
+    records = [json.loads(line) for line in lines]
+    return [r for r in records if json.loads(r["body"])["round"] == round_no]
+
+
+def unique_ids(records: list[dict[str, Any]]) -> set[str]:
+    return {r["id"] for r in records}
 
 
 def log_time(line: str) -> float:
     """Epoch seconds of a log line's HH:MM:SS.mmm stamp (today, local time)."""
-    stamp = re.match(STAMP, line)
+    stamp = STAMP.match(line)
     assert stamp, line
     today = datetime.now().strftime("%Y-%m-%d")
     return datetime.strptime(f"{today} {stamp.group(1)}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
-def find(log: str, pattern: str) -> re.Match[str]:
+def search(log: str, pattern: str, problems: list[str]) -> re.Match[str] | None:
     match = re.search(pattern, log, re.MULTILINE)
     if match is None:
-        raise AssertionError(f"{pattern!r} not in supervisor log:\n{log[-2000:]}")
+        problems.append(f"no {pattern!r} in the supervisor log")
     return match
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+# --- one round -------------------------------------------------------------------------------------------
 
 
-def completed(results: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
+def supervisor_env(conn: str, queue: str, sim_url: str, results: Path, poll: float, events: str) -> dict[str, str]:
+    # The endpoint is the local simulator even with events "none": nothing here may reach 169.254.169.254.
+    return child_env(SPOT_QUEUE_CONNECTION_STRING=conn, SPOT_QUEUE_NAME=queue, SPOT_SCALING_WORKERS=str(WORKERS),
+                     SPOT_EVENTS_SOURCE=events, SPOT_EVENTS_ENDPOINT=sim_url, SPOT_EVENTS_POLL_INTERVAL_S=str(poll),
+                     SPOT_SAMPLE_RESULTS=str(results), SPOT_WORKLOAD_HANDLER="worker.sample:handle")
+
+
+def bodies(round_no: int, messages: int) -> list[str]:
+    return [json.dumps({"round": round_no, "n": i, "chunks": CHUNKS, "chunk_ms": CHUNK_MS}) for i in range(messages)]
+
+
+def wait_for_work(results: Path, round_no: int, proc: Popen[bytes], problems: list[str]) -> None:
+    """Until two messages completed: the workers are receiving, so messages are in flight."""
+    deadline = time.monotonic() + IN_FLIGHT_TIMEOUT_S
+    while len(completions(results, round_no)) < 2:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            problems.append(f"no work under way (supervisor exit code {proc.poll()}) before the notice")
+            return
+        time.sleep(0.02)
+
+
+def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, noticed_at: float,
+                     proc: Popen[bytes]) -> tuple[float, int] | None:
+    """(seconds after the notice, visible count) from when visible + completed covered every message for good.
+
+    "For good": a worker that has not seen the notice yet may take visible messages
+    again, so the answer is the start of the last stretch in which the condition held,
+    polled until the supervisor exited (nothing receives after that). Completions are
+    read before the peek: a message completed in between was invisible at the peek, so
+    it is counted at most once; the other order could count a message seen visible,
+    then received and completed. None if the condition did not hold at the timeout.
+    """
+    since: float | None = None
+    visible = 0
+    while time.time() - noticed_at < RELEASE_TIMEOUT_S:
+        exited = proc.poll() is not None
+        done = len(unique_ids(completions(results, round_no)))
+        visible = visible_count(queue)
+        if done + visible < messages:
+            since = None
+        elif since is None:
+            since = time.time()
+        if since is not None and exited:
+            return since - noticed_at, visible
+        time.sleep(RELEASE_POLL_S)
+    return None if since is None else (since - noticed_at, visible)  # released, but the supervisor lingers (reported apart)
+
+
+def read_drain_log(log: str, noticed_at: float, result: Round) -> None:
+    drain_line = search(log, r"^.*drain \(Preempt.*$", result.problems)
+    stopped = search(log, r"every worker stopped receiving ([\d.]+)s after the drain began", result.problems)
+    acked = search(log, r"acknowledged \S+ ([\d.]+)s after the last worker exited", result.problems)
+    if drain_line and stopped:
+        result.drain_to_stopped_s = float(stopped.group(1))
+        result.notice_to_stopped_s = max(0.0, log_time(drain_line.group(0)) - noticed_at) + result.drain_to_stopped_s
+    if acked:
+        result.exit_to_ack_s = float(acked.group(1))
+
+
+def read_ack(sim: ImdsSimulator, event_id: str, noticed_at: float, result: Round) -> None:
+    acks = sim.acks()
+    if not acks or acks[-1]["body"] != {"StartRequests": [{"EventId": event_id}]}:
+        result.problems.append(f"no acknowledgement of {event_id} (acks: {acks})")
+        return
+    result.notice_to_ack_s = acks[-1]["time"] - noticed_at
+
+
+def evict(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> Any:
+    """The evicted VM's part of a round; returns the round's queue client."""
+    queue = new_queue(conn, result.queue)
+    fill(queue, bodies(result.number, args.messages))
+    log_path = work / f"round-{result.number}.log"
+    proc = spawn(COMMAND, supervisor_env(conn, result.queue, sim.url, results, args.poll, "azure"), log_path)
+    try:
+        wait_for_work(results, result.number, proc, result.problems)
+        result.completed_before_notice = len(unique_ids(completions(results, result.number)))
+        time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
+        notice = sim.simulate_eviction(delay_s=NOTICE_S)
+        noticed_at = time.time()
+        released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc)
+        if released is None:
+            result.problems.append(f"uncompleted messages not all visible again {RELEASE_TIMEOUT_S:.0f}s after the notice")
+        else:
+            result.notice_to_released_s, result.visible_when_released = released
+        result.exit_code = proc.wait(EXIT_TIMEOUT_S)
+    except TimeoutExpired:
+        result.problems.append(f"supervisor still running {EXIT_TIMEOUT_S:.0f}s after the notice")
+    finally:
+        stop_tree(proc)  # a no-op once it exited
+    if result.exit_code not in (0, None):
+        result.problems.append(f"supervisor exit code {result.exit_code}")
+    read_drain_log(log_path.read_text(errors="replace"), noticed_at, result)
+    read_ack(sim, notice["EventId"], noticed_at, result)
+    result.completed_by_evicted = len(unique_ids(completions(results, result.number)))
+    return queue
+
+
+def finish(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> None:
+    """A replacement VM (no events) runs until every message of the round completed, then stops (SIGTERM)."""
+    env = supervisor_env(conn, result.queue, sim.url, results, args.poll, "none")
+    proc = spawn(COMMAND, env, work / f"round-{result.number}-replacement.log")
+    try:
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while len(unique_ids(completions(results, result.number))) < args.messages:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                result.problems.append(f"replacement stopped short (exit code {proc.poll()}) of finishing the queue")
+                break
+            time.sleep(0.05)
+    finally:
+        stop_tree(proc)
+
+
+def left_on(conn: str, queue: Any) -> dict[str, int]:
+    """Messages still on the round's queue and its poison queue (invisible ones included)."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.storage.queue import QueueClient
+
+    poison = QueueClient.from_connection_string(conn, f"{queue.queue_name}-poison")
+    try:
+        poisoned = approximate_count(poison)
+    except ResourceNotFoundError:
+        poisoned = 0
+    return {"queue": approximate_count(queue), "poison": poisoned}
+
+
+def print_round(result: Round, results: Path) -> None:
+    def ms(value: float | None) -> str:
+        return "   -   " if value is None else f"{value * 1000:7.1f}"
+
+    done = len(unique_ids(completions(results, result.number)))
+    print(f"round {result.number + 1:2d}: notice→stopped {ms(result.notice_to_stopped_s)} ms, "
+          f"exit→ack {ms(result.exit_to_ack_s)} ms, notice→ack {ms(result.notice_to_ack_s)} ms, "
+          f"notice→released {ms(result.notice_to_released_s)} ms ({result.visible_when_released} visible, "
+          f"{result.completed_by_evicted} done by the evicted VM), {done} done in all"
+          + "".join(f"\n    PROBLEM: {p}" for p in result.problems), flush=True)
+
+
+# --- the whole run ---------------------------------------------------------------------------------------
+
+
+def summarize(rounds: list[Round]) -> dict[str, dict[str, Any]]:
+    summary = {}
+    for key in METRICS:
+        values = [v for v in (getattr(r, key) for r in rounds) if v is not None]
+        summary[key.removesuffix("_s")] = {"n": len(values), **({
+            "p50_ms": pct(values, 0.5) * 1000, "p95_ms": pct(values, 0.95) * 1000, "max_ms": max(values) * 1000} if values else {})}
+    return summary
+
+
+def account(rounds: list[Round], results: Path, left: dict[str, int], messages: int) -> dict[str, int]:
+    records = [r for x in rounds for r in completions(results, x.number)]
+    unique = len(unique_ids(records))
+    enqueued = messages * len(rounds)
+    return {"enqueued": enqueued, "unique_completed": unique, "duplicates": len(records) - unique,
+            "resumed_from_checkpoint": sum(1 for r in records if int(r["resumed_from"]) > 0),
+            "left_on_queues": left["queue"], "poisoned": left["poison"],
+            "lost": enqueued - unique - left["queue"] - left["poison"]}
+
+
+def print_summary(args: argparse.Namespace, summary: dict[str, dict[str, Any]], messages: dict[str, int], rounds: list[Round]) -> None:
+    print()
+    print(f"{args.rounds} evictions, events.poll_interval_s = {args.poll}, {WORKERS} workers, {args.messages} messages a round, "
+          f"sample handler {CHUNKS} x {CHUNK_MS} ms chunks")
+    for key, name in METRICS.items():
+        stats = summary[key.removesuffix("_s")]
+        if not stats["n"]:
+            print(f"{name:48s} no value")
+            continue
+        print(f"{name:48s} p50 {stats['p50_ms']:8.1f} ms   p95 {stats['p95_ms']:8.1f} ms   max {stats['max_ms']:8.1f} ms"
+              + (f"   ({stats['n']} of {len(rounds)} rounds)" if stats["n"] < len(rounds) else ""))
+    print(f"messages: {messages['enqueued']} enqueued, {messages['unique_completed']} completed, {messages['duplicates']} duplicates, "
+          f"{messages['resumed_from_checkpoint']} resumed from a checkpoint, {messages['left_on_queues']} left on the queues, "
+          f"{messages['poisoned']} poisoned, lost = {messages['lost']}")
+    failed = [r.number + 1 for r in rounds if r.problems]
+    if failed:
+        print(f"rounds with problems: {failed}")
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[list[Round], dict[str, int]]:
+    results = work / "results.jsonl"
+    rounds: list[Round] = []
+    left = {"queue": 0, "poison": 0}
+    with azurite(work) as conn, ImdsSimulator(vm_name="vm-spot-07") as sim:
+        for round_no in range(args.rounds):
+            result = Round(round_no, f"bench-evict-{round_no}")
+            rounds.append(result)
+            queue = evict(conn, sim, work, results, args, result)
+            sim.reset()
+            finish(conn, sim, work, results, args, result)
+            for key, n in left_on(conn, queue).items():
+                left[key] += n
+            print_round(result, results)
+    return rounds, left
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--poll", type=float, default=1.0, help="events.poll_interval_s (default 1, as shipped)")
+    parser.add_argument("--messages", type=int, default=30, help=f"on each round's queue, at most {PEEK_MAX}")
+    parser.add_argument("--json", type=Path, help="results file (default bench/results/eviction_timing.json)")
+    args = parser.parse_args()
+    if not 1 <= args.messages <= PEEK_MAX:
+        parser.error(f"--messages must be 1..{PEEK_MAX}: the release check peeks at most {PEEK_MAX} messages")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--poll", type=float, default=1.0, help="events.poll_interval_s (default 1, as shipped)")
-    parser.add_argument("--messages", type=int, default=30, help="added per round")
-    args = parser.parse_args()
-
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="spot-bench-evict-"))
-    port = free_port()
-    azurite = start_azurite(port, work, (work / "azurite.log").open("wb"))
-    sim = ImdsSimulator(vm_name="vm-spot-07").start()
-    queue = QueueClient.from_connection_string(connection_string(port), "bench-evict")
-    queue.create_queue()
-    results = work / "results.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
-    env.update(SPOT_QUEUE_CONNECTION_STRING=connection_string(port), SPOT_QUEUE_NAME="bench-evict",
-               SPOT_SCALING_WORKERS="2", SPOT_EVENTS_SOURCE="azure", SPOT_EVENTS_ENDPOINT=sim.url,
-               SPOT_EVENTS_POLL_INTERVAL_S=str(args.poll), SPOT_SAMPLE_RESULTS=str(results), PYTHONUNBUFFERED="1")
-    notice_to_stopped, drain_to_stopped, exit_to_ack, notice_to_ack = [], [], [], []
-    enqueued = 0
-    try:
-        for round_no in range(args.rounds):
-            for _ in range(args.messages):
-                queue.send_message(json.dumps({"n": enqueued, "chunks": 10, "chunk_ms": 20}))
-                enqueued += 1
-            log_path = work / f"round-{round_no}.log"
-            with log_path.open("wb") as fh:
-                proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run"], env=env, stderr=fh, cwd=REPO)
-                before = len(completed(results))
-                deadline = time.time() + 60
-                while len(completed(results)) < before + 2 and time.time() < deadline:
-                    time.sleep(0.02)
-                time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
-                notice = sim.simulate_eviction(delay_s=30)
-                noticed_at = time.time()
-                code = proc.wait(60)
-            log = log_path.read_text()
-            assert code == 0, log[-2000:]
-            drain_line = find(log, r"^.*drain \(Preempt.*$").group(0)
-            stopped = float(find(log, r"every worker stopped receiving ([\d.]+)s after the notice").group(1))
-            acked = float(find(log, r"acknowledged \S+ ([\d.]+)s after the last worker exited").group(1))
-            ack_time = sim.acks()[-1]["time"]
-            assert sim.acks()[-1]["body"] == {"StartRequests": [{"EventId": notice["EventId"]}]}
-            drain_started = log_time(drain_line)
-            drain_to_stopped.append(stopped)
-            notice_to_stopped.append(max(0.0, drain_started - noticed_at) + stopped)
-            exit_to_ack.append(acked)
-            notice_to_ack.append(ack_time - noticed_at)
-            sim.reset()
-            print(f"round {round_no + 1:2d}: notice→stopped {notice_to_stopped[-1]:.3f}s, last exit→ack {acked * 1000:.1f} ms, "
-                  f"notice→ack {notice_to_ack[-1]:.3f}s, done so far {len({r['id'] for r in completed(results)})}", flush=True)
-
-        # Finish everything on a "replacement VM" and count.
-        finish_env = {**env, "SPOT_EVENTS_SOURCE": "none"}
-        with (work / "finish.log").open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run"], env=finish_env, stderr=fh, cwd=REPO)
-            deadline = time.time() + 600
-            while len({r["id"] for r in completed(results)}) < enqueued and time.time() < deadline:
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-        records = completed(results)
-        unique = {r["id"] for r in records}
-        left = queue.get_queue_properties().approximate_message_count
-        print()
-        print(f"{args.rounds} evictions, events.poll_interval_s = {args.poll}, 2 workers, sample handler 10 x 20 ms chunks")
-        for name, values in (("notice -> every worker stopped receiving", notice_to_stopped),
-                             ("drain start -> every worker stopped receiving", drain_to_stopped),
-                             ("last worker exit -> acknowledgement", exit_to_ack),
-                             ("notice -> acknowledgement", notice_to_ack)):
-            print(f"{name:48s} p50 {pct(values, 0.5) * 1000:8.1f} ms   p95 {pct(values, 0.95) * 1000:8.1f} ms   "
-                  f"max {max(values) * 1000:8.1f} ms")
-        resumed = sum(1 for r in records if int(r["resumed_from"]) > 0)  # type: ignore[call-overload]
-        print(f"messages: {enqueued} enqueued, {len(unique)} completed, {len(records) - len(unique)} duplicates, "
-              f"{resumed} resumed from a checkpoint, {left} left on the queue, lost = {enqueued - len(unique) - left}")
-        print(f"(mean notice -> stopped {statistics.mean(notice_to_stopped) * 1000:.1f} ms)")
-        return 0
-    finally:
-        sim.stop()
-        stop(azurite)
+    print(f"logs: {work}", flush=True)
+    rounds, left = run(args, work)
+    summary = summarize(rounds)
+    messages = account(rounds, work / "results.jsonl", left, args.messages)
+    print_summary(args, summary, messages, rounds)
+    save("eviction_timing", {
+        "config": {"rounds": args.rounds, "poll_interval_s": args.poll, "messages_per_round": args.messages, "workers": WORKERS,
+                   "chunks": CHUNKS, "chunk_ms": CHUNK_MS, "notice_s": NOTICE_S, "release_poll_s": RELEASE_POLL_S},
+        "rounds": [asdict(r) for r in rounds],
+        "summary": {**summary, "messages": messages},
+    }, args.json)
+    return 0 if messages["lost"] == 0 and not any(r.problems for r in rounds) else 1
 
 
 if __name__ == "__main__":

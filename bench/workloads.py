@@ -37,8 +37,9 @@ WORKLOADS = {"noop": _noop, "cpu20": _cpu20, "io200": _io200}
 
 
 def run(name: str, body: str) -> None:
+    started = time.time()
     WORKLOADS[name](body)
-    record_completion(body)
+    record_completion(body, started)
 
 
 # spot-supervisor handlers: handle(message, ctx)
