@@ -39,6 +39,7 @@ from typing import Any
 
 import common
 from common import DONE_ENV, CompletionLog, approximate_count, child_env, kill_group, record_completion, spawn, stop_tree
+from workloads import burn
 
 from worker import Context, Interrupted, Message
 
@@ -46,7 +47,7 @@ CHUNKS = 3
 CHUNK_S = 0.010
 KILL_VISIBILITY_S = 6  # a killed tree's messages come back this soon (leases renewed at half of it while handlers run)
 EVICT_VISIBILITY_S = 60  # the default: drains release their messages, nothing waits for a lease
-DISRUPT_AFTER_S = (0.3, 4.0)  # from start: the supervisor needs about 1-2 s to be ready, so some land in start-up
+DISRUPT_AFTER_S = (0.3, 4.0)  # from start: "ready:" comes ~0.4-0.7 s after the start here, so some land in start-up
 NOTICE_S = 30.0  # eviction NotBefore after the notice, as on Azure
 CELERY_QUIET_S = 5.0  # Celery: the queue is empty and nothing completed for this long = done (its lost tasks never will)
 VM_NAME = "vm-chaos"
@@ -63,17 +64,9 @@ def handle(message: Message, ctx: Context) -> None:
     for chunk in range(state["chunk"], CHUNKS):
         if ctx.draining:
             raise Interrupted()
-        digest = _burn(digest, CHUNK_S)
+        digest = burn(digest, CHUNK_S)
         ctx.checkpoint({"chunk": chunk + 1, "digest": digest.hex()})
     record_completion(message.body, started)
-
-
-def _burn(digest: bytes, seconds: float) -> bytes:
-    until = time.thread_time() + seconds
-    while time.thread_time() < until:
-        for _ in range(200):
-            digest = hashlib.sha256(digest).digest()
-    return digest
 
 
 # --- the harness ----------------------------------------------------------------------------------------
@@ -234,7 +227,7 @@ def kill_cycle(target: Target, n: int, rng: random.Random) -> Cycle:
     proc = spawn(target.argv, target.env, log)
     started = time.monotonic()
     sleep_alive(proc, rng.uniform(*DISRUPT_AFTER_S), log)
-    at = time.monotonic() - started
+    at = round(time.monotonic() - started, 3)
     seen = phase(log) if target.tool == "ours" else "-"
     kill_group(proc)
     left = survivors(proc.pid)
@@ -247,7 +240,7 @@ def evict_cycle(target: Target, sim: Any, n: int, rng: random.Random) -> Cycle:
     proc = spawn(target.argv, target.env, log)
     started = time.monotonic()
     sleep_alive(proc, rng.uniform(*DISRUPT_AFTER_S), log)
-    at = time.monotonic() - started
+    at = round(time.monotonic() - started, 3)
     seen = phase(log)
     event = sim.simulate_eviction(delay_s=NOTICE_S)
     try:
@@ -255,7 +248,7 @@ def evict_cycle(target: Target, sim: Any, n: int, rng: random.Random) -> Cycle:
     except subprocess.TimeoutExpired:  # did not drain and exit by itself: record it, and clean up for the next cycle
         code = None
         kill_group(proc)
-    exited = time.monotonic() - started - at
+    exited = round(time.monotonic() - started - at, 3)
     expected = {"StartRequests": [{"EventId": event["EventId"]}]}
     acked = any(a["body"] == expected for a in sim.acks())
     left = survivors(proc.pid)

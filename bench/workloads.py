@@ -19,13 +19,17 @@ def _noop(body: str) -> None:
     return None
 
 
-def _cpu20(body: str) -> None:
-    """20 ms of CPU time (SHA-256 chained), measured on this thread's CPU clock."""
-    digest = body.encode()
-    until = time.thread_time() + 0.020
+def burn(digest: bytes, seconds: float) -> bytes:
+    """`seconds` of CPU time chaining SHA-256, measured on this thread's CPU clock."""
+    until = time.thread_time() + seconds
     while time.thread_time() < until:
         for _ in range(200):
             digest = hashlib.sha256(digest).digest()
+    return digest
+
+
+def _cpu20(body: str) -> None:
+    burn(body.encode(), 0.020)
 
 
 def _io200(body: str) -> None:
