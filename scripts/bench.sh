@@ -11,7 +11,7 @@ py="$repo/.venv/bin/python"
 mkdir -p results
 
 if [ "${1:-}" = "--quick" ]; then
-  throughput=(--scale 0.2 --repeat 1); scaling=(--messages 200 --repeat 1)
+  throughput=(--scale 0.3 --repeat 1); scaling=(--messages 200 --repeat 1)
   eviction=(--rounds 5); chaos=(--messages 300 --cycles 10)
 else
   throughput=(); scaling=(); eviction=(); chaos=()
@@ -23,6 +23,7 @@ run() {  # run <name> <script> [args...]: print and keep the output; a failing b
   "$py" "$@" 2>&1 | tee "results/$name.txt"
 }
 
+run azurite_depth azurite_depth.py
 run throughput throughput.py "${throughput[@]}"
 run scaling scaling.py "${scaling[@]}"
 run eviction_timing eviction_timing.py "${eviction[@]}"
