@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
 from celery.signals import after_setup_logger
@@ -47,3 +48,16 @@ def broker_url(connection_string: str) -> str:
     """kombu's URL form (azurestoragequeues://<key>@<account url>) of an Azurite/Storage connection string."""
     parts = dict(p.split("=", 1) for p in connection_string.split(";") if p)
     return f"azurestoragequeues://{parts['AccountKey']}@{parts['QueueEndpoint'].rstrip('/')}"
+
+
+def send_tasks(connection_string: str, queue: str, workload: str, bodies: list[str], threads: int = 8) -> None:
+    """One task per body, as a Celery user sends them (apply_async), from a few threads with a connection each."""
+    url = broker_url(connection_string)
+
+    def send_share(share: list[str]) -> None:
+        with app.connection_for_write(url) as connection, connection.Producer() as producer:
+            for body in share:
+                work.apply_async(args=[workload, body], queue=queue, producer=producer)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(send_share, [bodies[i::threads] for i in range(threads)]))

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from common import azurite, save
+from common import save
 from throughput import Run, Setup, measure
 
 
@@ -39,10 +39,10 @@ def main() -> int:
     cpus = len(os.sched_getaffinity(0))
     rows = [Setup(tool, "cpu20", n) for n in counts for tool in tools]
     runs: dict[Setup, list[Run]] = {row: [] for row in rows}
-    with tempfile.TemporaryDirectory(prefix="spot-bench-") as tmp, azurite(Path(tmp)) as conn:
+    with tempfile.TemporaryDirectory(prefix="spot-bench-") as tmp:
         for repeat in range(args.repeat):
             for row in rows if repeat % 2 == 0 else rows[::-1]:
-                run = measure(row, conn, Path(tmp), args.messages)
+                run = measure(row, Path(tmp), args.messages)
                 runs[row].append(run)
                 print(f"  run {repeat + 1}: {row.label:<16} {run.rate:7.1f} msg/s", flush=True)
     best = {row: max(found, key=lambda r: r.rate) for row, found in runs.items()}

@@ -1,4 +1,4 @@
-"""Throughput side by side: the bare SDK loop, spot-supervisor and Celery, on one Azurite, in one run.
+"""Throughput side by side: the bare SDK loop, spot-supervisor and Celery, same messages, same process count.
 
     .venv/bin/python bench/throughput.py [--processes 2] [--repeat 3] [--workloads noop,cpu20,io200]
 
@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,8 @@ from common import (
 )
 
 BIN = Path(sys.executable).parent
-# Azurite (not Azure) slows down as a queue gets deeper: Get Messages took 4.5 ms at 10 messages and 30 ms at
-# 2,000 here (bench/azurite_depth.py), which would hide the tools behind the emulator. So queues stay ≤ 600 deep.
+# Azurite (not Azure) slows down as a queue gets deeper: Get Messages took ~4 ms at 10 messages, 13 ms at 2,000
+# and 37 ms at 4,000 here (bench/azurite_depth.py), which would hide the tools behind it. So queues stay ≤ 600 deep.
 MESSAGES = {"noop": 600, "cpu20": 600, "io200": 100}
 IO_THREADS_PER_CORE = 4  # spot-supervisor's scale-up default
 BARE_BATCH = {"noop": 32, "cpu20": 32, "io200": 10}  # 10: about 2 s of work per receive, as a careful user would pick
@@ -148,16 +147,21 @@ def enqueue(setup: Setup, conn: str, queue: str, bodies: list[str]) -> None:
     if setup.tool != "celery":
         fill(client, bodies)
         return
-    import celery_app
+    from celery_app import send_tasks
 
-    celery_app.app.conf.broker_url = celery_app.broker_url(conn)
-    with ThreadPoolExecutor(8) as pool:  # apply_async takes a producer from Celery's (thread-safe) pool per call
-        list(pool.map(lambda body: celery_app.work.apply_async(args=[setup.workload, body], queue=queue), bodies))
+    send_tasks(conn, queue, setup.workload, bodies)
     if (count := approximate_count(client)) != len(bodies):
         raise RuntimeError(f"enqueued {count} Celery tasks of {len(bodies)}")
 
 
-def measure(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
+def measure(setup: Setup, workdir: Path, n: int) -> Run:
+    """One run on a fresh Azurite: its garbage collection (every 60 s, quadratic in the messages deleted
+    since the last one) froze it for 15 s once mid-run here; a new emulator per run never gets that far."""
+    with azurite(workdir) as conn:
+        return measure_on(setup, conn, workdir, n)
+
+
+def measure_on(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
     queue = f"bench{uuid.uuid4().hex[:12]}"
     bodies = [f"{setup.workload}-{i:06d}" for i in range(n)]
     enqueue(setup, conn, queue, bodies)
@@ -175,7 +179,6 @@ def measure(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
             sent = request_count(requests)
     finally:
         stop_tree(proc, signal.SIGTERM if setup.tool != "celery" else signal.SIGQUIT)
-        client.delete_queue()  # an emptied queue still weighs on Azurite's in-memory store
     completions = done.read()
     if (unique := len({c.body for c in completions})) != n:
         raise RuntimeError(f"{setup.label}: {unique} of {n} messages completed")
@@ -217,11 +220,11 @@ def main() -> int:
     workloads = args.workloads.split(",")
     rows = setups(workloads, args.processes)
     runs: dict[Setup, list[Run]] = {row: [] for row in rows}
-    with tempfile.TemporaryDirectory(prefix="spot-bench-") as tmp, azurite(Path(tmp)) as conn:
+    with tempfile.TemporaryDirectory(prefix="spot-bench-") as tmp:
         for repeat in range(args.repeat):
             for row in rows if repeat % 2 == 0 else rows[::-1]:
                 n = max(10, round(MESSAGES[row.workload] * args.scale * (4 if row.threads > 1 else 1)))
-                run = measure(row, conn, Path(tmp), n)
+                run = measure(row, Path(tmp), n)
                 runs[row].append(run)
                 print(f"  run {repeat + 1}: {row.workload:<6} {row.label:<30} {run.rate:8.1f} msg/s, "
                       f"{run.requests_per_message:.3f} req/msg", flush=True)
