@@ -397,7 +397,8 @@ class Arbiter:
         if at is not None:
             state.last_stopped_at = max(state.last_stopped_at, at)
         if not state.waiting_for and state.last_stopped_at:
-            log.info("drain: every worker stopped receiving %.3fs after the drain began", max(0.0, state.last_stopped_at - state.started_at))
+            log.info("drain: every worker stopped receiving %.3fs after the drain began",
+                     max(0.0, state.last_stopped_at - state.started_at))
 
     def check_drain(self) -> None:
         state = self.drain_state
