@@ -142,21 +142,23 @@ def start_tool(setup: Setup, conn: str, queue: str, env: dict[str, str], log: Pa
     return spawn(argv, env, log)
 
 
-def enqueue(setup: Setup, conn: str, queue: str, bodies: list[str]) -> None:
+def enqueue(setup: Setup, conn: str, queue: str, bodies: list[str]) -> Any:
+    """A new queue holding the bodies, as the tool wants them; returns its client."""
     client = new_queue(conn, queue)
     if setup.tool != "celery":
         fill(client, bodies)
-        return
+        return client
     from celery_app import send_tasks
 
     send_tasks(conn, queue, setup.workload, bodies)
     if (count := approximate_count(client)) != len(bodies):
         raise RuntimeError(f"enqueued {count} Celery tasks of {len(bodies)}")
+    return client
 
 
 def measure(setup: Setup, workdir: Path, n: int) -> Run:
-    """One run on a fresh Azurite: its garbage collection (every 60 s, quadratic in the messages deleted
-    since the last one) froze it for 15 s once mid-run here; a new emulator per run never gets that far."""
+    """One run on a fresh Azurite. A long-lived one froze for 15 s mid-run here, at its garbage collection
+    (every 60 s, slow in the number of messages deleted since); a new emulator per run never gets that far."""
     with azurite(workdir) as conn:
         return measure_on(setup, conn, workdir, n)
 
@@ -164,12 +166,11 @@ def measure(setup: Setup, workdir: Path, n: int) -> Run:
 def measure_on(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
     queue = f"bench{uuid.uuid4().hex[:12]}"
     bodies = [f"{setup.workload}-{i:06d}" for i in range(n)]
-    enqueue(setup, conn, queue, bodies)
+    client = enqueue(setup, conn, queue, bodies)
     done = CompletionLog(workdir / f"{queue}.done")
     requests = workdir / f"{queue}.requests"
     env = counted(child_env(BENCH_DONE=str(done.path)), requests)
     proc = start_tool(setup, conn, queue, env, workdir / f"{queue}.log")
-    client = new_queue_client(conn, queue)
     try:
         with MemorySampler(proc.pid) as memory:
             done.wait_for(n, timeout=60 + n * 0.5 / setup.processes, alive=proc if setup.tool != "bare" else None)
@@ -186,12 +187,6 @@ def measure_on(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
     peak = memory.peak or {"parent_rss_mb": 0.0, "worker_rss_mb": 0.0, "tree_pss_mb": 0.0, "processes": 0}
     return Run(setup, n, seconds, n / seconds, sent, sent / n, peak["parent_rss_mb"], peak["worker_rss_mb"],
                peak["tree_pss_mb"], int(peak["processes"]))
-
-
-def new_queue_client(conn: str, queue: str) -> Any:
-    from azure.storage.queue import QueueClient
-
-    return QueueClient.from_connection_string(conn, queue)
 
 
 def setups(workloads: list[str], processes: int) -> list[Setup]:
