@@ -39,9 +39,9 @@ from typing import Any
 
 import common
 from common import DONE_ENV, CompletionLog, approximate_count, child_env, kill_group, record_completion, spawn, stop_tree
-from workloads import burn
 
 from worker import Context, Interrupted, Message
+from worker.sample import burn
 
 CHUNKS = 3
 CHUNK_S = 0.010

@@ -8,24 +8,16 @@ log named by BENCH_DONE.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
 from common import record_completion
 
+from worker.sample import burn
+
 
 def _noop(body: str) -> None:
     return None
-
-
-def burn(digest: bytes, seconds: float) -> bytes:
-    """`seconds` of CPU time chaining SHA-256, measured on this thread's CPU clock."""
-    until = time.thread_time() + seconds
-    while time.thread_time() < until:
-        for _ in range(200):
-            digest = hashlib.sha256(digest).digest()
-    return digest
 
 
 def _cpu20(body: str) -> None:

@@ -34,7 +34,7 @@ def handle(message: Message, ctx: Context) -> None:
         if ctx.draining:
             ctx.logger.info("message %s: draining, stopping after chunk %d of %d", message.id, chunk, chunks)
             raise Interrupted()
-        digest = _burn(digest, chunk_ms / 1000.0)
+        digest = burn(digest, chunk_ms / 1000.0)
         ctx.checkpoint({"chunk": chunk + 1, "digest": digest.hex()})
     _record(message, resumed_from, chunks, digest.hex())
 
@@ -49,7 +49,8 @@ def _parameters(body: str) -> tuple[int, float]:
     return int(data.get("chunks", DEFAULT_CHUNKS)), float(data.get("chunk_ms", DEFAULT_CHUNK_MS))
 
 
-def _burn(digest: bytes, seconds: float) -> bytes:
+def burn(digest: bytes, seconds: float) -> bytes:
+    """`seconds` of CPU time chaining SHA-256, measured on this thread's CPU clock."""
     until = time.thread_time() + seconds
     while time.thread_time() < until:
         for _ in range(200):
