@@ -153,10 +153,12 @@ class Consumer:
         return list(page) if page is not None else []
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
-        if self.shared.stop_receiving.is_set():
-            release_pending(self.shared)  # received after the drain began: give them straight back
-            return
         for lease, message, prior_failures in batch:
+            if self.shared.drain.active:
+                # Checked before every message, not once per batch: the drain releases pending leases one
+                # request at a time, and the next message of this batch must not start meanwhile.
+                release_pending(self.shared)
+                return
             if lease.start():
                 self.run_handler(lease, message, prior_failures)
             else:  # released by a drain, or its lease was lost while it waited
