@@ -3,6 +3,11 @@
 A message leaves the queue only by delete after its handler returned, or by a
 move to the poison queue. Everything else (failure, interruption, drain,
 crash) leaves it on the queue to be received again.
+
+Queue round trips stay off the handler's path: a finished message is settled
+on the process's Settler while the next handler runs, and the next Get
+Messages is issued while the current batch's last messages run (within the
+prefetch_s budget), so a worker does not wait for a round trip per message.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
+from worker.settle import Settler
 from worker.telemetry import MESSAGE_OUTCOMES, Telemetry, mark_failed
 
 log = logging.getLogger(__name__)
@@ -57,8 +63,12 @@ class Shared:
     drain: DrainSignal = field(default_factory=DrainSignal)
     stop_receiving: threading.Event = field(default_factory=threading.Event)
     counters: Counters = field(default_factory=Counters)
+    settler: Settler = field(init=False)
     _poison: QueueClient | None = None
     _poison_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.settler = Settler(self.settings.max_outstanding_settles)
 
     def poison_client(self) -> QueueClient:
         with self._poison_lock:
@@ -84,6 +94,8 @@ class Consumer:
         self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
+        self.receive_s = 0.0  # moving average of a Get Messages round trip
+        self.ahead: ReceiveAhead | None = None  # the next batch, received while this one runs
 
     def receive_count(self) -> int:
         """How many messages to take: about prefetch_s of work, so slow handlers on one VM
@@ -95,6 +107,17 @@ class Consumer:
             return 1
         return max(1, min(n, int(self.settings.prefetch_s / max(self.handler_s, 1e-6))))
 
+    def ahead_count(self, remaining: int) -> int:
+        """How many messages to receive ahead as the first of `remaining` messages of this batch starts:
+        0 until their work is about a round trip away (the last message at the latest), and never more
+        than fits in prefetch_s with them. 0 while the handler's duration is unknown."""
+        h = self.handler_s
+        if h is None or (remaining > 1 and remaining * h > 2 * self.receive_s):
+            return 0
+        if self.settings.prefetch_s <= 0:
+            return self.settings.batch_size
+        return max(0, min(self.settings.batch_size, int(self.settings.prefetch_s / max(h, 1e-6)) - remaining))
+
     def observe_duration(self, seconds: float) -> None:
         self.handler_s = seconds if self.handler_s is None else 0.8 * self.handler_s + 0.2 * seconds
 
@@ -102,27 +125,35 @@ class Consumer:
         stop = self.shared.stop_receiving
         if self.index == 0:
             self.create_queue()
-        while not stop.is_set():
-            try:
-                batch = self.receive_batch()
-            except Exception as exc:
-                delay = self.errors.next_delay()
-                if is_auth_error(exc):
-                    log.warning("queue %s refused access (%s): the identity needs the Storage Queue Data Contributor role, "
-                                "or its assignment has not propagated yet; retrying in %.1fs", self.settings.name, describe(exc), delay)
-                else:
-                    log.warning("receiving from queue %s failed (%s); retrying in %.1fs", self.settings.name, describe(exc), delay)
-                stop.wait(delay)
-                continue
-            self.errors.reset()
-            if batch is None:
-                stop.wait(self.idle.next_delay())
-                continue
-            self.idle.reset()
-            self.run_batch(batch)
+        try:
+            while not stop.is_set():
+                try:
+                    batch = self.next_batch()
+                except Exception as exc:
+                    delay = self.errors.next_delay()
+                    if is_auth_error(exc):
+                        log.warning("queue %s refused access (%s): the identity needs the Storage Queue Data Contributor role, "
+                                    "or its assignment has not propagated yet; retrying in %.1fs", self.settings.name, describe(exc), delay)
+                    else:
+                        log.warning("receiving from queue %s failed (%s); retrying in %.1fs", self.settings.name, describe(exc), delay)
+                    stop.wait(delay)
+                    continue
+                self.errors.reset()
+                if batch is None:
+                    stop.wait(self.idle.next_delay())
+                    continue
+                self.idle.reset()
+                self.run_batch(batch)
+        finally:
+            if self.ahead is not None:  # stay alive (and counted as receiving) until it is back: see WorkerRuntime.idle
+                self.ahead.finished.wait()
 
-    def receive_batch(self) -> list[tuple[Lease, Message, int]] | None:
-        """Receive and register leases (counted as `receiving` throughout, so a drain
+    def next_batch(self) -> list[tuple[Lease, Message, int]] | None:
+        ahead, self.ahead = self.ahead, None
+        return ahead.result() if ahead is not None else self.receive_batch(self.receive_count())
+
+    def receive_batch(self, n: int) -> list[tuple[Lease, Message, int]] | None:
+        """Receive up to n and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
         counters = self.shared.counters
         with counters.lock:  # checked and counted together: WorkerRuntime.drain sets stop under this lock
@@ -130,10 +161,14 @@ class Consumer:
                 return None
             counters.receiving += 1
         try:
-            received = self.receive()
+            received = self.receive(n)
             if not received:
                 return None
-            return [opened for opened in map(self.open, received) if opened is not None]
+            opened = [opened for opened in map(self.open, received) if opened is not None]
+            if self.shared.drain.active:  # began while this receive was under way (ahead, maybe): give them back now
+                release_pending(self.shared)
+                return None
+            return opened
         finally:
             with counters.lock:
                 counters.receiving -= 1
@@ -144,25 +179,33 @@ class Consumer:
         except Exception as exc:  # receive retries with backoff and says why; creating it is a convenience
             log.warning("could not create queue %s (%s); using it as it is", self.settings.name, describe(exc))
 
-    def receive(self) -> list[QueueMessage]:
-        n = self.receive_count()
+    def receive(self, n: int) -> list[QueueMessage]:
+        started = time.perf_counter()
         pages = self.client.receive_messages(
             messages_per_page=n, max_messages=n, visibility_timeout=self.settings.visibility_timeout_s
         ).by_page()
         page = next(pages, None)  # exactly one Get Messages call
-        return list(page) if page is not None else []
+        received = list(page) if page is not None else []
+        elapsed = time.perf_counter() - started
+        self.receive_s = elapsed if not self.receive_s else 0.8 * self.receive_s + 0.2 * elapsed
+        return received
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
-        for lease, message, prior_failures in batch:
+        for position, (lease, message, prior_failures) in enumerate(batch):
             if self.shared.drain.active:
                 # Checked before every message, not once per batch: the drain releases pending leases one
                 # request at a time, and the next message of this batch must not start meanwhile.
                 release_pending(self.shared)
                 return
+            self.receive_ahead(len(batch) - position)
             if lease.start():
                 self.run_handler(lease, message, prior_failures)
             else:  # released by a drain, or its lease was lost while it waited
                 self.shared.leases.remove(lease)
+
+    def receive_ahead(self, remaining: int) -> None:
+        if self.ahead is None and not self.shared.stop_receiving.is_set() and (n := self.ahead_count(remaining)) > 0:
+            self.ahead = ReceiveAhead(lambda: self.receive_batch(n), f"receive-ahead-{self.index}")
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
         """Lease and Message for a received message, or None when it went straight to poison."""
@@ -194,19 +237,18 @@ class Consumer:
         try:
             with shared.telemetry.message_span(message.id, message.dequeue_count, self.settings.name) as span:
                 outcome = self.call_handler(message, ctx, span)
-            if outcome == "succeeded":
-                self.settle(lease, outcome, lease.delete)
-            elif outcome == "interrupted":
-                self.settle_release(lease, outcome)
-            else:
-                self.settle_failure(lease, prior_failures + 1)
         finally:
             with shared.counters.lock:
                 shared.counters.running -= 1
             shared.telemetry.inflight(-1)
             duration = time.perf_counter() - started
-            shared.telemetry.record_message(outcome, duration)
             self.observe_duration(duration)
+        if outcome == "succeeded":
+            self.settle(lease, outcome, lease.delete, duration)
+        elif outcome == "interrupted":
+            self.settle_release(lease, outcome, duration)
+        else:
+            self.settle_failure(lease, prior_failures + 1, duration)
 
     def call_handler(self, message: Message, ctx: Context, span: Any) -> str:
         try:
@@ -220,29 +262,67 @@ class Consumer:
             return "failed"
         return "succeeded"
 
-    def settle(self, lease: Lease, outcome: str, action: Callable[[], bool]) -> None:
-        """Run the final queue call for a message; a lost lease or a queue error leaves it on the queue."""
-        try:
-            done = action()
-        except Exception as exc:
-            log.warning("could not settle message %s as %s (%s); it reappears after its lease", lease.id, outcome, describe(exc))
-            lease.finish_without_call()
-            done = False
-        self.shared.leases.remove(lease)
-        self.shared.counters.add(outcome if done else "lease_lost")
-
-    def settle_release(self, lease: Lease, outcome: str) -> None:
-        self.settle(lease, outcome, lease.release)
-
-    def settle_failure(self, lease: Lease, failures: int) -> None:
-        if failures >= self.settings.max_dequeue_count:
-            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})")
+    def settle(self, lease: Lease, outcome: str, action: Callable[[], bool], handler_s: float | None = None) -> None:
+        """Run the final queue call for a message on the settler (waiting for a slot when it is busy); a lost
+        lease or a queue error leaves it on the queue. The outcome is counted once the queue confirmed it."""
+        if not lease.begin_settling():  # released at the deadline meanwhile: nothing left to do
+            self.settled(lease, "lease_lost", handler_s)
             return
-        self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)))
 
-    def poison(self, lease: Lease, reason: str) -> None:
+        def call() -> None:
+            try:
+                done = action()
+            except Exception as exc:
+                log.warning("could not settle message %s as %s (%s); it reappears after its lease", lease.id, outcome, describe(exc))
+                lease.finish_without_call()
+                done = False
+            self.settled(lease, outcome if done else "lease_lost", handler_s)
+
+        self.shared.settler.submit(call)
+
+    def settled(self, lease: Lease, outcome: str, handler_s: float | None) -> None:
+        self.shared.leases.remove(lease)
+        self.shared.counters.add(outcome)
+        if handler_s is not None:
+            self.shared.telemetry.record_message(outcome, handler_s)
+
+    def settle_release(self, lease: Lease, outcome: str, handler_s: float | None = None) -> None:
+        self.settle(lease, outcome, lease.release, handler_s)
+
+    def settle_failure(self, lease: Lease, failures: int, handler_s: float | None = None) -> None:
+        if failures >= self.settings.max_dequeue_count:
+            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})", handler_s)
+            return
+        self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)), handler_s)
+
+    def poison(self, lease: Lease, reason: str, handler_s: float | None = None) -> None:
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
-        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client()))
+        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client()), handler_s)
+
+
+class ReceiveAhead:
+    """One receive on a thread of its own, picked up by the consumer when its batch is done."""
+
+    def __init__(self, receive: Callable[[], list[tuple[Lease, Message, int]] | None], name: str) -> None:
+        self.finished = threading.Event()
+        self._batch: list[tuple[Lease, Message, int]] | None = None
+        self._error: Exception | None = None
+        self._receive = receive
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._batch = self._receive()
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self.finished.set()
+
+    def result(self) -> list[tuple[Lease, Message, int]] | None:
+        self.finished.wait()
+        if self._error is not None:
+            raise self._error
+        return self._batch
 
 
 def release_pending(shared: Shared) -> int:
@@ -259,7 +339,7 @@ def _release(shared: Shared, pending_only: bool) -> int:
     released = 0
     for lease in shared.leases.snapshot():
         try:
-            if lease.release(only_if_pending=pending_only):
+            if lease.release(only_if=(LeaseState.PENDING,) if pending_only else (LeaseState.PENDING, LeaseState.RUNNING)):
                 released += 1
                 shared.counters.add("released")
         except Exception as exc:  # one failing call must not keep the others from being released

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class LeaseState(enum.Enum):
     PENDING = "pending"  # received, handler not started
     RUNNING = "running"
+    SETTLING = "settling"  # handler finished, its final call (delete, release, retry, poison) queued or under way
     DONE = "done"  # deleted, released, poisoned or lost: no more calls
 
 
@@ -49,16 +50,24 @@ class Lease:
             self.state = LeaseState.RUNNING
             return True
 
+    def begin_settling(self) -> bool:
+        """PENDING/RUNNING → SETTLING, so a drain or deadline no longer gives it back; False when already DONE."""
+        with self.lock:
+            if self.state is LeaseState.DONE:
+                return False
+            self.state = LeaseState.SETTLING
+            return True
+
     def _update(self, content: str | None, visibility_timeout_s: int) -> None:
         """Caller holds the lock. Keeps the newest pop receipt."""
         receipt = self.client.update_message(self.id, self.pop_receipt, content=content, visibility_timeout=visibility_timeout_s)
         self.pop_receipt = receipt.pop_receipt or self.pop_receipt
         self.renewed_at = time.monotonic()
 
-    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: LeaseState | None = None) -> bool:
+    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: tuple[LeaseState, ...] | None = None) -> bool:
         """Run one queue call under the lock; a lost lease is logged and ends the lease."""
         with self.lock:
-            if self.state is LeaseState.DONE or (only_if is not None and self.state is not only_if):
+            if self.state is LeaseState.DONE or (only_if is not None and self.state not in only_if):
                 return False
             try:
                 action()
@@ -98,8 +107,9 @@ class Lease:
     def retry_later(self, delay_s: int) -> bool:
         return self._guarded("retry", lambda: self._update(None, delay_s), finish=True)
 
-    def release(self, only_if_pending: bool = False) -> bool:
-        """Visible again at once, counting the release in the message so it never counts as a failure."""
+    def release(self, only_if: tuple[LeaseState, ...] | None = None) -> bool:
+        """Visible again at once, counting the release in the message so it never counts as a failure.
+        With `only_if`, only from those states (a drain gives back PENDING ones, a deadline never SETTLING ones)."""
         def give_back() -> None:
             counted = Envelope(self.envelope.original, self.envelope.state, self.envelope.releases + 1)
             text: str | None = self.codec.seal(counted)
@@ -108,7 +118,7 @@ class Lease:
                 text = None
             self._update(text, 0)
 
-        return self._guarded("release", give_back, finish=True, only_if=LeaseState.PENDING if only_if_pending else None)
+        return self._guarded("release", give_back, finish=True, only_if=only_if)
 
     def finish_without_call(self) -> None:
         with self.lock:

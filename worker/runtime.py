@@ -17,6 +17,7 @@ from worker.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 RECEIVE_GRACE_S = 2.0
+SETTLE_WAIT_S = 2.0  # at exit, for final queue calls still under way (within the supervisor's kill grace)
 
 
 class WorkerRuntime:
@@ -69,12 +70,14 @@ class WorkerRuntime:
         return released
 
     def idle(self) -> bool:
-        """After a drain: nothing held and no handler running.
+        """After a drain: nothing held, no handler running and no final queue call under way.
 
         A receive still in flight is waited for a little (what it returns is
         released at once), but not for long: when the queue is failing, the SDK's
         retries must not hold the drain until the deadline.
         """
+        if self.shared.settler.outstanding:
+            return False
         if not any(t.is_alive() for t in self.consumer_threads):
             return True
         counts = self.shared.counters
@@ -91,6 +94,12 @@ class WorkerRuntime:
         return not self.shared.stop_receiving.is_set() and not all(t.is_alive() for t in self.consumer_threads)
 
     def close(self) -> None:
+        """Stop renewing; wait a little for final queue calls still under way (after an abandon), so what
+        the queue confirmed is counted; any call left unfinished leaves its message to reappear."""
+        if not self.shared.settler.wait(SETTLE_WAIT_S):
+            log.warning("exiting with %d final queue call(s) unfinished; those messages reappear after their lease",
+                        self.shared.settler.outstanding)
+        self.shared.settler.close()
         self._keeper_stop.set()
 
     def stats(self) -> dict[str, Any]:

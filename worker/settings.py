@@ -23,6 +23,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "SPOT_"
 MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
+MAX_OUTSTANDING_SETTLES = 8  # a queue client pools 10 connections: settles, a receive ahead and a renewal fit
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
@@ -45,6 +46,7 @@ class QueueSettings:
     visibility_timeout_s: int = 60
     batch_size: int = 32
     prefetch_s: float = 2.0
+    max_outstanding_settles: int = 8
     max_dequeue_count: int = 5
     message_encoding: str = "none"
     api_version: str = ""
@@ -243,6 +245,8 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     _require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
              f"must be one of: none, base64; got {q.message_encoding!r}")
     _require(q.prefetch_s >= 0, "queue.prefetch_s", f"must be 0 (always batch_size) or more, got {q.prefetch_s}")
+    _require(1 <= q.max_outstanding_settles <= MAX_OUTSTANDING_SETTLES, "queue.max_outstanding_settles",
+             f"must be between 1 and {MAX_OUTSTANDING_SETTLES}, got {q.max_outstanding_settles}")
     for key in ("retry_delay_s", "retry_delay_max_s", "idle_poll_max_s", "request_timeout_s"):
         _require(getattr(q, key) > 0, f"queue.{key}", f"must be greater than 0, got {getattr(q, key)}")
 
