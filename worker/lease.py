@@ -76,6 +76,8 @@ class Lease:
                     log.warning("lease lost on %s of message %s (%s): another consumer may have it", what, self.id, describe(exc))
                     self.state = LeaseState.DONE
                     return False
+                if finish:  # a final call that failed is not retried: the message reappears after its lease
+                    self.state = LeaseState.DONE
                 raise
             if finish:
                 self.state = LeaseState.DONE
