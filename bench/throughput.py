@@ -57,9 +57,9 @@ from common import (
 BIN = Path(sys.executable).parent
 # Azurite (not Azure) slows down as a queue gets deeper: Get Messages took ~4 ms at 10 messages, 13 ms at 2,000
 # and 37 ms at 4,000 here (bench/azurite_depth.py), which would hide the tools behind it. So queues stay ≤ 600 deep.
-MESSAGES = {"noop": 600, "cpu20": 600, "io200": 100}
+MESSAGES = {"noop": 600, "cpu20": 600, "io200": 100, "sleep20": 300}
 IO_THREADS_PER_CORE = 4  # spot-supervisor's scale-up default
-BARE_BATCH = {"noop": 32, "cpu20": 32, "io200": 10}  # 10: about 2 s of work per receive, as a careful user would pick
+BARE_BATCH = {"noop": 32, "cpu20": 32, "io200": 10, "sleep20": 32}  # 10: about 2 s of work per receive, as a careful user would pick
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The three benchmark workloads, and the handler each tool calls for them.
+"""The benchmark workloads, and the handler each tool calls for them.
 
 The same function does the work whoever calls it: spot-supervisor (handler
 "workloads:<name>", called with (message, ctx)), the bare SDK loop and the
@@ -29,7 +29,12 @@ def _io200(body: str) -> None:
     time.sleep(0.200)
 
 
-WORKLOADS = {"noop": _noop, "cpu20": _cpu20, "io200": _io200}
+def _sleep20(body: str) -> None:
+    """20 ms waiting (bench/latency.py: a handler that leaves the cores to the queue calls around it)."""
+    time.sleep(0.020)
+
+
+WORKLOADS = {"noop": _noop, "cpu20": _cpu20, "io200": _io200, "sleep20": _sleep20}
 
 
 def run(name: str, body: str) -> None:
@@ -49,3 +54,7 @@ def cpu20(message: Any, ctx: Any) -> None:
 
 def io200(message: Any, ctx: Any) -> None:
     run("io200", message.body)
+
+
+def sleep20(message: Any, ctx: Any) -> None:
+    run("sleep20", message.body)
