@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/plots.py [--results bench/results] [--out docs/img]
 
-Draws whichever results exist: throughput.png, scaling.png, eviction.png.
+Draws whichever results exist: throughput.png, scaling.png, eviction.png, latency.png.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from common import REPO, RESULTS  # noqa: E402
 
-COLORS = {"bare": "#9e9e9e", "ours": "#1f77b4", "celery": "#8c564b"}
-TITLES = {"noop": "no-op", "cpu20": "20 ms CPU", "io200": "200 ms I/O wait"}
+COLORS = {"bare": "#9e9e9e", "ours": "#1f77b4", "today": "#9ecae1", "celery": "#8c564b"}
+TITLES = {"noop": "no-op", "cpu20": "20 ms CPU", "io200": "200 ms I/O wait", "sleep20": "20 ms handler (waiting)"}
 
 
 def load(results: Path, name: str) -> dict[str, Any] | None:
@@ -89,13 +89,38 @@ def eviction(data: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "eviction.png", dpi=110)
 
 
+def latency(data: dict[str, Any], out: Path) -> None:
+    best = data["best"]
+    workloads = list(dict.fromkeys(r["row"]["workload"] for r in best))
+    tools = list(dict.fromkeys(r["row"]["tool"] for r in best))
+    labels = {"today": f"ours at {data.get('baseline') or 'baseline'} (before)", "ours": "ours"}
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.8 * len(workloads), 4))
+    for ax, workload in zip(axes if len(workloads) > 1 else [axes], workloads):
+        for tool in tools:
+            rows = sorted((r for r in best if r["row"]["workload"] == workload and r["row"]["tool"] == tool),
+                          key=lambda r: r["row"]["delay_ms"])
+            ax.plot([r["row"]["delay_ms"] for r in rows], [r["rate"] for r in rows], "o-", color=COLORS[tool],
+                    label=labels.get(tool, tool))
+        if workload == "sleep20":
+            ax.axhline(50 * data["processes"], color="#cccccc", ls=":", label="ideal")
+        ax.set_xticks(sorted({r["row"]["delay_ms"] for r in best}))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("added to every queue response (ms)")
+        ax.set_ylabel("messages/s")
+        ax.set_title(f"{TITLES.get(workload, workload)}, {data['processes']} processes", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Azurite behind a delay proxy\n{machine_note(data)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, draw in (("throughput", throughput), ("scaling", scaling), ("eviction_timing", eviction)):
+    for name, draw in (("throughput", throughput), ("scaling", scaling), ("eviction_timing", eviction), ("latency", latency)):
         data = load(args.results, name)
         if data is not None:
             draw(data, args.out)

@@ -11,10 +11,10 @@ py="$repo/.venv/bin/python"
 mkdir -p results
 
 if [ "${1:-}" = "--quick" ]; then
-  throughput=(--scale 0.3 --repeat 1); scaling=(--messages 200 --repeat 1)
+  throughput=(--scale 0.3 --repeat 1); latency=(--scale 0.5); scaling=(--messages 200 --repeat 1)
   eviction=(--rounds 5); chaos=(--messages 300 --cycles 10)
 else
-  throughput=(); scaling=(); eviction=(); chaos=()
+  throughput=(); latency=(); scaling=(); eviction=(); chaos=()
 fi
 
 run() {  # run <name> <script> [args...]: print and keep the output; a failing benchmark fails the whole run
@@ -25,6 +25,7 @@ run() {  # run <name> <script> [args...]: print and keep the output; a failing b
 
 run azurite_depth azurite_depth.py
 run throughput throughput.py "${throughput[@]}"
+run latency latency.py "${latency[@]}"
 run scaling scaling.py "${scaling[@]}"
 run eviction_timing eviction_timing.py "${eviction[@]}"
 run chaos chaos.py "${chaos[@]}"
