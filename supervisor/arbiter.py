@@ -21,11 +21,12 @@ from typing import Any
 
 from supervisor import sdnotify
 from supervisor.child import run_child
+from supervisor.config import SupervisorSettings
 from supervisor.eviction import Decision, Drain, Resume
+from supervisor.metrics import SupervisorMetrics
 from supervisor.sizing import Plan
+from worker.backoff import exponential_delay
 from worker.control import Channel
-from worker.process import EX_CONFIG
-from worker.settings import Settings
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ class Settled:
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
-                 reload: Callable[[], tuple[Settings, Plan]] | None = None,
+    def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
+                 reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
                  acknowledge: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.plan = plan
         self.telemetry = telemetry
+        self.metrics = SupervisorMetrics(telemetry.meter)
         self.attributes = attributes
         self.reload_settings = reload
         self.acknowledge_event = acknowledge
@@ -87,7 +89,7 @@ class Arbiter:
         self.generation = 0
         # The configuration before a SIGHUP, kept until a worker of the new one is ready: if the
         # new one cannot start workers (exit 78, e.g. a handler typo), go back to it instead of exiting.
-        self.previous: tuple[Settings, Plan] | None = None
+        self.previous: tuple[SupervisorSettings, Plan] | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.slot_crashes: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
@@ -240,7 +242,7 @@ class Arbiter:
             handle.stats = message
         elif kind == "fatal":
             log.error("worker %d cannot start: %s", handle.pid, message.get("error"))
-            if message.get("code") == EX_CONFIG:
+            if message.get("code") == os.EX_CONFIG:
                 self.config_failed(handle, str(message.get("error")))
 
     def reap_workers(self) -> None:
@@ -264,7 +266,7 @@ class Arbiter:
     def on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         described = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        if code == EX_CONFIG:
+        if code == os.EX_CONFIG:
             if handle.generation == self.generation and self.exit_code is None:
                 log.error("worker %d exited with 78 (configuration)", handle.pid)
             self.config_failed(handle, "exit code 78")
@@ -275,9 +277,9 @@ class Arbiter:
         lived = time.time() - handle.started_at
         crashes = 0 if lived >= STABLE_AFTER_S else self.slot_crashes.get(handle.slot, 0) + 1
         self.slot_crashes[handle.slot] = crashes
-        delay = 0.0 if crashes <= 1 else min(self.settings.scaling.respawn_delay_max_s, 0.5 * 2 ** (crashes - 2))
+        delay = 0.0 if crashes <= 1 else exponential_delay(crashes - 2, 0.5, self.settings.scaling.respawn_delay_max_s)
         self.respawn_at[handle.slot] = time.time() + delay
-        self.telemetry.record_worker_respawn(described)
+        self.metrics.record_worker_respawn(described)
         log.warning("worker %d died (%s) after %.1fs; respawning slot %d in %.1fs", handle.pid, described, lived, handle.slot, delay)
 
     def scale(self, target: int) -> None:
@@ -331,7 +333,7 @@ class Arbiter:
             return  # already stopping, or a configuration already given up
         if self.previous is None:
             log.error("stopping the service: workers cannot start with this configuration")
-            self.fail(EX_CONFIG)
+            self.fail(os.EX_CONFIG)
             return
         log.error("SIGHUP: workers cannot start with the new configuration (%s): going back to the previous one", why)
         for other in self.workers.values():
@@ -369,7 +371,7 @@ class Arbiter:
 
     def on_eviction_notice(self, decision: Drain) -> None:
         event = decision.event
-        self.telemetry.record_eviction_notice(event.event_type)
+        self.metrics.record_eviction_notice(event.event_type)
         log.warning("%s %s (%s) for this VM, NotBefore %s: draining", event.event_type, event.event_id,
                     event.status, event.not_before.isoformat() if event.not_before else "now")
         self.drain(f"{event.event_type} {event.event_id}", decision.deadline, decision)
@@ -424,7 +426,7 @@ class Arbiter:
         state = self.drain_state
         assert state is not None
         last_exit = time.time()
-        self.telemetry.record_drain(last_exit - state.started_at, state.reason)
+        self.metrics.record_drain(last_exit - state.started_at, state.reason)
         log.info("drained in %.3fs (%s)", last_exit - state.started_at, state.reason)
         acknowledged = False
         if state.event is not None and state.event.acknowledge and self.acknowledge_event is not None:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import AZURE_FIXTURES, free_port
 
+from supervisor.config import EventsSettings
 from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
 from supervisor.imds import ImdsError
 from supervisor.imds_simulator import ImdsSimulator
@@ -24,7 +25,6 @@ from supervisor.scheduled_events import (
     ScheduledEvent,
     parse_document,
 )
-from worker.settings import EventsSettings
 
 VM = "vm-spot-07"
 
