@@ -21,7 +21,7 @@ from testsupport.proxy import FaultProxy
 from worker.consumer import Consumer
 from worker.lease import LeaseState
 from worker.runtime import WorkerRuntime
-from worker.settings import EventsSettings, QueueSettings, Settings, TelemetrySettings, WorkloadSettings, validate
+from worker.settings import QueueSettings, Settings, TelemetrySettings, WorkloadSettings, validate
 from worker.settle import Settler
 from worker.telemetry import Telemetry, setup_telemetry
 
@@ -48,8 +48,7 @@ def settings_via(proxy: FaultProxy, name: str, **queue: Any) -> Settings:
     """Workers talk to Azurite through the proxy; the test's own client talks to it directly."""
     values: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2, **queue}
     settings = Settings(queue=QueueSettings(connection_string=Azurite(proxy.port).connection_string, name=name, **values),
-                        workload=WorkloadSettings(handler="handlers:record"),
-                        events=EventsSettings(source="none", endpoint="http://127.0.0.1:9"))
+                        workload=WorkloadSettings(handler="handlers:record"))
     validate(settings)
     return settings
 
@@ -81,7 +80,7 @@ def test_a_finished_message_whose_delete_is_in_flight_when_a_drain_starts_is_del
     queue.send_message("finish me")
     runtime = runtimes(settings_via(proxy, queue_name))
     wait_until(lambda: runtime.shared.settler.outstanding == 1, 10, what="the handler to finish and its delete to start")
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     assert not runtime.idle(), "drained while the delete was still under way"
 
     wait_until(runtime.idle, 10, what="the delete to finish")
