@@ -20,7 +20,8 @@ N × 50 msg/s).
 
 Per run: msg/s = messages / (last handler end − first handler start); requests
 per message = every HTTP request of the tool's processes (bench/counting) until
-the queue was empty; CPU per message = CPU time (user + system) of the tool's
+the queue was empty ("steady": only those from the first completed message on,
+leaving out start-up: queue creation, the first one-message receives); CPU per message = CPU time (user + system) of the tool's
 whole process tree from its first completed message until the queue was
 empty, divided by the messages (start-up excluded). The best of --repeat runs
 is reported. Prints a table and writes bench/results/latency.json; asserts nothing.
@@ -77,6 +78,7 @@ class Result:
     seconds: float
     rate: float
     requests_per_message: float
+    steady_requests_per_message: float  # from the first completed message on: start-up requests left out
     cpu_ms_per_message: float
     proxied_requests: int  # what went through the proxy (the same requests, counted on the wire)
 
@@ -125,7 +127,7 @@ def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | No
             try:
                 alive = proc if row.tool != "bare" else None
                 done.wait_for(1, timeout=60, alive=alive)
-                cpu_at_first = tree_cpu_s(proc.pid)
+                cpu_at_first, requests_at_first = tree_cpu_s(proc.pid), request_count(requests)
                 done.wait_for(n, timeout=60 + n * 0.5 / processes, alive=alive)
                 settle = time.monotonic() + 10
                 while approximate_count(client) and time.monotonic() < settle:
@@ -139,7 +141,7 @@ def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | No
     if (unique := len({c.body for c in completions})) != n:
         raise RuntimeError(f"{row}: {unique} of {n} messages completed")
     seconds = max(c.time for c in completions) - min(c.started for c in completions)
-    return Result(row, n, seconds, n / seconds, sent / n, 1000 * cpu / n, proxied)
+    return Result(row, n, seconds, n / seconds, sent / n, (sent - requests_at_first) / n, 1000 * cpu / n, proxied)
 
 
 def main() -> int:
@@ -169,9 +171,11 @@ def main() -> int:
                 result = measure(row, workdir, n, args.processes, baseline)
                 runs[row].append(result)
                 print(f"  run {repeat + 1}: +{row.delay_ms:>2} ms {row.workload:<8} {row.tool:<7} {result.rate:7.1f} msg/s "
-                      f"{result.requests_per_message:.3f} req/msg {result.cpu_ms_per_message:.2f} CPU ms/msg", flush=True)
+                      f"{result.requests_per_message:.3f} ({result.steady_requests_per_message:.3f}) req/msg "
+                      f"{result.cpu_ms_per_message:.2f} CPU ms/msg", flush=True)
     best = {row: max(found, key=lambda r: r.rate) for row, found in runs.items()}
-    print(f"\n{'delay':>6} {'load':<8} {'tool':<7} {'msg/s':>8} {'vs bare':>8} {'of ideal':>8} {'req/msg':>8} {'CPU ms/msg':>10}")
+    print(f"\n{'delay':>6} {'load':<8} {'tool':<7} {'msg/s':>8} {'vs bare':>8} {'of ideal':>8} {'req/msg':>8} {'steady':>7} "
+          f"{'CPU ms/msg':>10}")
     for row in rows:
         result = best[row]
         bare = best.get(Row("bare", row.workload, row.delay_ms))
@@ -179,7 +183,7 @@ def main() -> int:
         vs_bare = f"{result.rate / bare.rate:7.2f}x" if bare else "-"
         of_ideal = f"{result.rate / (ideal * args.processes):7.0%}" if ideal else "-"
         print(f"+{row.delay_ms:>3} ms {row.workload:<8} {row.tool:<7} {result.rate:8.1f} {vs_bare:>8} {of_ideal:>8} "
-              f"{result.requests_per_message:8.3f} {result.cpu_ms_per_message:10.2f}")
+              f"{result.requests_per_message:8.3f} {result.steady_requests_per_message:7.3f} {result.cpu_ms_per_message:10.2f}")
     save("latency", {"processes": args.processes, "repeat": args.repeat, "baseline": args.baseline,
                      "load_average_1m_end": round(os.getloadavg()[0], 2),
                      "best": [asdict(best[row]) for row in rows],
