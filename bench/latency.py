@@ -1,7 +1,7 @@
 """Latency: the bare SDK loop, spot-supervisor and Celery when every queue response is delayed.
 
     .venv/bin/python bench/latency.py [--delays 0,5,10,20] [--workloads noop,sleep20] [--processes 2]
-                                      [--baseline REF] [--repeat 1] [--scale 1.0]
+                                      [--baseline REF] [--repeat 1] [--scale 1.0] [--combine JSON...]
 
 On Azure each queue request is a network round trip; on Azurite over loopback
 it costs a few milliseconds. A delay proxy (testsupport/proxy.py, in this
@@ -30,6 +30,7 @@ is reported. Prints a table and writes bench/results/latency.json; asserts nothi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -153,6 +154,8 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REF", help="also run spot-supervisor as of this git ref (rows `today`)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest is reported")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the message counts")
+    parser.add_argument("--combine", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="also count the runs of these earlier results files (with --repeat 0: only them)")
     parser.add_argument("--json", type=Path, help="results file (default bench/results/latency.json)")
     args = parser.parse_args()
     tools = args.tools.split(",")
@@ -162,7 +165,7 @@ def main() -> int:
             for tool in tools]
     runs: dict[Row, list[Result]] = {row: [] for row in rows}
     with tempfile.TemporaryDirectory(prefix="spot-latency-") as tmp:
-        baseline = extract(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+        baseline = extract(args.baseline, Path(tmp) / "baseline") if args.baseline and args.repeat else None
         for repeat in range(args.repeat):
             for i, row in enumerate(rows if repeat % 2 == 0 else rows[::-1]):
                 n = max(20, round(MESSAGES[row.workload] * args.scale))
@@ -173,6 +176,11 @@ def main() -> int:
                 print(f"  run {repeat + 1}: +{row.delay_ms:>2} ms {row.workload:<8} {row.tool:<7} {result.rate:7.1f} msg/s "
                       f"{result.requests_per_message:.3f} ({result.steady_requests_per_message:.3f}) req/msg "
                       f"{result.cpu_ms_per_message:.2f} CPU ms/msg", flush=True)
+    for path in args.combine:
+        for run in json.loads(path.read_text())["runs"]:
+            earlier = Result(**{**run, "row": Row(**run["row"])})
+            if earlier.row in runs:
+                runs[earlier.row].append(earlier)
     best = {row: max(found, key=lambda r: r.rate) for row, found in runs.items()}
     print(f"\n{'delay':>6} {'load':<8} {'tool':<7} {'msg/s':>8} {'vs bare':>8} {'of ideal':>8} {'req/msg':>8} {'steady':>7} "
           f"{'CPU ms/msg':>10}")
@@ -184,7 +192,7 @@ def main() -> int:
         of_ideal = f"{result.rate / (ideal * args.processes):7.0%}" if ideal else "-"
         print(f"+{row.delay_ms:>3} ms {row.workload:<8} {row.tool:<7} {result.rate:8.1f} {vs_bare:>8} {of_ideal:>8} "
               f"{result.requests_per_message:8.3f} {result.steady_requests_per_message:7.3f} {result.cpu_ms_per_message:10.2f}")
-    save("latency", {"processes": args.processes, "repeat": args.repeat, "baseline": args.baseline,
+    save("latency", {"processes": args.processes, "repeat": min(len(found) for found in runs.values()), "baseline": args.baseline,
                      "load_average_1m_end": round(os.getloadavg()[0], 2),
                      "best": [asdict(best[row]) for row in rows],
                      "runs": [asdict(r) for found in runs.values() for r in found]}, args.json)
