@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 
 from supervisor import imds_simulator
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
@@ -35,11 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
     what = enqueue.add_mutually_exclusive_group(required=True)
-    what.add_argument("--count", type=int, help="generate this many sample-handler messages")
-    what.add_argument("--file", help="one message per non-empty line ('-' for standard input)")
-    enqueue.add_argument("--chunks", type=int, default=5, help="sample handler: chunks per message (default 5)")
-    enqueue.add_argument("--chunk-ms", type=float, default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+    what.add_argument("--count", type=at_least(1, int), help="generate this many sample-handler messages")
+    what.add_argument("--file", help="one message per line that is not blank ('-' for standard input)")
+    enqueue.add_argument("--chunks", type=at_least(1, int), default=5, help="sample handler: chunks per message (default 5)")
+    enqueue.add_argument("--chunk-ms", type=at_least(0, float), default=10.0, help="sample handler: CPU ms per chunk (default 10)")
     return parser
+
+
+def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number (int or float) of at least `low`, else a usage error naming the value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

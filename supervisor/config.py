@@ -14,12 +14,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.settings import ConfigError, Settings, build_settings, coerce, require, unknown_env_variables, validate
+from worker.settings import (
+    DAY_S,
+    HOUR_S,
+    ConfigError,
+    Settings,
+    build_settings,
+    coerce,
+    require,
+    require_between,
+    unknown_env_variables,
+    validate,
+)
 
 __all__ = ["ConfigError", "SupervisorSettings", "load_supervisor_settings", "unknown_env_variables"]
 
 DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+MAX_PER_CORE = 1024
 
 
 @dataclass(frozen=True)
@@ -86,23 +98,24 @@ def validate_supervisor(s: SupervisorSettings, require_queue: bool = True) -> No
     e = s.events
     require(e.source in ("azure", "none"), "events.source", f"must be one of: azure, none; got {e.source!r}")
     require(e.endpoint.startswith(("http://", "https://")), "events.endpoint", f"must be an http URL, got {e.endpoint!r}")
-    require(e.poll_interval_s > 0, "events.poll_interval_s", f"must be greater than 0, got {e.poll_interval_s}")
-    require(e.request_timeout_s > 0, "events.request_timeout_s", f"must be greater than 0, got {e.request_timeout_s}")
+    require_between(e.poll_interval_s, "events.poll_interval_s", 0, 60, low_inclusive=False,
+                    note=" (a notice gives 30 s: poll well within it)")
+    require_between(e.request_timeout_s, "events.request_timeout_s", 0, 300, low_inclusive=False)
     for event_type in e.drain_on:
         require(event_type in EVENT_TYPES, "events.drain_on", f"unknown event type {event_type!r}; allowed: {', '.join(EVENT_TYPES)}")
-    require(e.safety_margin_s >= 0, "events.safety_margin_s", f"must be 0 or more, got {e.safety_margin_s}")
-    require(e.started_deadline_s > 0, "events.started_deadline_s", f"must be greater than 0, got {e.started_deadline_s}")
+    require_between(e.safety_margin_s, "events.safety_margin_s", 0, HOUR_S)
+    require_between(e.started_deadline_s, "events.started_deadline_s", 0, HOUR_S, low_inclusive=False)
     require(e.ack in ("sole", "always", "never"), "events.ack", f"must be one of: sole, always, never; got {e.ack!r}")
 
     require(s.startup.arm_endpoint.startswith(("https://", "http://")), "startup.arm_endpoint",
             f"must be an http(s) URL, got {s.startup.arm_endpoint!r}")
-    require(s.startup.provisioning_timeout_s > 0, "startup.provisioning_timeout_s",
-            f"must be greater than 0, got {s.startup.provisioning_timeout_s}")
+    require_between(s.startup.provisioning_timeout_s, "startup.provisioning_timeout_s", 0, DAY_S, low_inclusive=False)
 
 
 def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
-    require(sc["workers_per_core"] > 0, f"{prefix}.workers_per_core", f"must be greater than 0, got {sc['workers_per_core']}")
-    require(sc["threads_per_core"] >= 1, f"{prefix}.threads_per_core", f"must be at least 1, got {sc['threads_per_core']}")
+    require_between(sc["workers_per_core"], f"{prefix}.workers_per_core", 0, MAX_PER_CORE, low_inclusive=False)
+    require_between(sc["threads_per_core"], f"{prefix}.threads_per_core", 1, MAX_PER_CORE)
+    require_between(sc["respawn_delay_max_s"], f"{prefix}.respawn_delay_max_s", 0, HOUR_S)
     require(sc["workers"] >= 0, f"{prefix}.workers", f"must be 0 (size to the VM) or more, got {sc['workers']}")
     require(sc["min_workers"] >= 1, f"{prefix}.min_workers", f"must be at least 1, got {sc['min_workers']}")
     require(sc["max_workers"] >= sc["min_workers"], f"{prefix}.max_workers",
