@@ -77,11 +77,13 @@ class Settled:
 class Arbiter:
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
-                 acknowledge: Callable[[str], None] | None = None) -> None:
+                 acknowledge: Callable[[str], None] | None = None,
+                 exit_summary: Callable[[dict[str, int]], str] | None = None) -> None:
         self.settings = settings
         self.plan = plan
         self.telemetry = telemetry
         self.metrics = SupervisorMetrics(telemetry.meter)
+        self.exit_summary = exit_summary  # more for the exit line (uptime, dollars saved), from the totals
         self.attributes = attributes
         self.reload_settings = reload
         self.acknowledge_event = acknowledge
@@ -495,7 +497,7 @@ class Arbiter:
 
     def totals(self) -> dict[str, int]:
         totals = dict(self.settled.totals)
-        for handle in self.workers.values():
+        for handle in list(self.workers.values()):  # a copy: the metrics thread reads the totals too
             for key in ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost"):
                 totals[key] = totals.get(key, 0) + int(handle.stats.get(key, 0))
         return totals
@@ -510,7 +512,8 @@ class Arbiter:
     def finish(self) -> None:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
-        log.info("supervisor exiting (%d): %s", self.exit_code, self.status_line())
+        extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
+        log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
 
 
 def why_not_acknowledged(decision: Drain) -> str:

@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
     imds_simulator.add_arguments(simulate)
 
+    prices = sub.add_parser("prices", help="this VM's Linux Spot and pay-as-you-go hourly prices and the savings "
+                                           "(Azure Retail Prices API, cached for a day)")
+    prices.add_argument("--config")
+    prices.add_argument("--sku", help="VM size, e.g. Standard_D4s_v5 (default: this VM's, from instance metadata)")
+    prices.add_argument("--region", help="Azure region, e.g. westeurope (default: this VM's)")
+    prices.add_argument("--json", action="store_true", help="machine-readable output")
+
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
     what = enqueue.add_mutually_exclusive_group(required=True)
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("INFO", "imds-simulator")
         return imds_simulator.run(args)
     try:
-        settings = load_supervisor_settings(args.config, require_queue=args.command != "plan")
+        settings = load_supervisor_settings(args.config, require_queue=args.command not in ("plan", "prices"))
         setup_logging(settings.telemetry.log_level, "supervisor")
         if args.command in ("run", "plan"):
             for warning in unknown_env_variables(SupervisorSettings):
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
+        if args.command == "prices":
+            return print_prices(settings, args.sku, args.region, args.json)
         return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         print(exc, file=sys.stderr)
@@ -98,6 +107,33 @@ def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> i
     except (EnqueueError, OSError, AzureError) as exc:
         print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
         return 1
+
+
+def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
+    from supervisor.imds import ImdsError, fetch_instance_info
+    from supervisor.planning import INSTANCE_TIMEOUT_S
+    from supervisor.prices import PricesError, get_quote
+
+    if not (sku and region):
+        if settings.events.source != "azure":
+            print("prices: give --sku and --region (events.source is \"none\": no instance metadata to ask)", file=sys.stderr)
+            return 1
+        try:
+            instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
+        except ImdsError as exc:
+            print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
+            return 1
+        sku, region = sku or instance.vm_size, region or instance.location
+    try:
+        quote, cached = get_quote(settings.cost.prices_endpoint, sku, region)
+    except PricesError as exc:
+        print(f"prices: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({**quote.to_dict(), "cached": cached}))
+    else:
+        print(quote.describe() + (" (cached today)" if cached else ""))
+    return 0
 
 
 def print_plan(settings: SupervisorSettings, as_json: bool) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.prices import DEFAULT_PRICES_ENDPOINT
 from worker.settings import (
     DAY_S,
     HOUR_S,
@@ -67,10 +68,17 @@ class StartupSettings:
 
 
 @dataclass(frozen=True)
+class CostSettings:
+    enabled: bool = True
+    prices_endpoint: str = DEFAULT_PRICES_ENDPOINT
+
+
+@dataclass(frozen=True)
 class SupervisorSettings(Settings):
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
     startup: StartupSettings = field(default_factory=StartupSettings)
+    cost: CostSettings = field(default_factory=CostSettings)
 
 
 def load_supervisor_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -109,6 +117,8 @@ def validate_supervisor(s: SupervisorSettings, require_queue: bool = True) -> No
 
     require(s.startup.arm_endpoint.startswith(("https://", "http://")), "startup.arm_endpoint",
             f"must be an http(s) URL, got {s.startup.arm_endpoint!r}")
+    require(s.cost.prices_endpoint.startswith(("https://", "http://")), "cost.prices_endpoint",
+            f"must be an http(s) URL such as {DEFAULT_PRICES_ENDPOINT}, got {s.cost.prices_endpoint!r}")
     require_between(s.startup.provisioning_timeout_s, "startup.provisioning_timeout_s", 0, DAY_S, low_inclusive=False)
 
 

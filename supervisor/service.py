@@ -9,6 +9,7 @@ from collections.abc import Callable
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
 from supervisor.config import SupervisorSettings, load_supervisor_settings
+from supervisor.cost import CostTracker
 from supervisor.eviction import Decision, EvictionPolicy
 from supervisor.imds import ImdsError, fetch_instance_info
 from supervisor.planning import INSTANCE_TIMEOUT_S, VmFacts, make_plan, read_vm_facts
@@ -83,8 +84,17 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         new_settings = load_supervisor_settings(config_path)
         return new_settings, make_plan(new_settings, facts)
 
+    cost = CostTracker(settings.cost.prices_endpoint, is_spot=facts.instance is None or facts.instance.is_spot)
     events: EventsThread | None = None
-    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload)
+    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload,
+                      exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)))
+    if settings.cost.enabled:
+        arbiter.metrics.observe_cost(cost, lambda: arbiter.totals().get("succeeded", 0))
+        if facts.instance is not None:
+            cost.fetch_in_background(facts.instance.vm_size, facts.instance.location)
+        else:
+            log.info("cost: no VM size and region without instance metadata: no prices this run "
+                     "(spot-supervisor prices --sku S --region R works anywhere)")
     if settings.events.source == "azure":
         events = EventsThread(settings, facts.vm_name, arbiter.submit)
         arbiter.acknowledge_event = events.acknowledge
