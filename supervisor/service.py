@@ -3,61 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
 from supervisor.config import SupervisorSettings, load_supervisor_settings
 from supervisor.cost import CostTracker
-from supervisor.eviction import Decision, EvictionPolicy
-from supervisor.imds import ImdsError, fetch_instance_info
-from supervisor.planning import INSTANCE_TIMEOUT_S, VmFacts, make_plan, read_vm_facts
-from supervisor.scheduled_events import AzureScheduledEvents, Backoff, EventWatcher
+from supervisor.event_watcher import EventWatcher
+from supervisor.planning import VmFacts, make_plan, read_vm_facts
+from supervisor.scheduled_events import AzureScheduledEvents
 from supervisor.sizing import Plan
 from worker.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
-
-
-class EventsThread(threading.Thread):
-    """Learns this VM's name if IMDS was not ready at start, then watches Scheduled Events."""
-
-    def __init__(self, settings: SupervisorSettings, vm_name: str, submit: Callable[[Decision], None]) -> None:
-        super().__init__(name="imds", daemon=True)
-        self.settings = settings
-        self.vm_name = vm_name
-        self.submit = submit
-        self.source = AzureScheduledEvents(settings.events.endpoint, settings.events.request_timeout_s)
-        self.stopping = threading.Event()
-        self.watcher: EventWatcher | None = None
-
-    def run(self) -> None:
-        backoff = Backoff(base_s=1.0, cap_s=30.0)
-        while not self.vm_name and not self.stopping.is_set():
-            self.stopping.wait(backoff.next_delay())
-            try:
-                self.vm_name = fetch_instance_info(self.settings.events.endpoint, INSTANCE_TIMEOUT_S).name
-                log.info("instance metadata answered: this VM is %s", self.vm_name)
-            except ImdsError as exc:
-                log.debug("instance metadata still unavailable: %s", exc)
-        if self.stopping.is_set():
-            return
-        policy = EvictionPolicy(self.vm_name, self.settings.events)
-        self.watcher = EventWatcher(self.source, policy, self.submit, poll_interval_s=self.settings.events.poll_interval_s)
-        log.info("watching Scheduled Events at %s for %s (drain on %s)", self.settings.events.endpoint,
-                 self.vm_name, ", ".join(self.settings.events.drain_on))
-        self.watcher.run()  # on this thread
-
-    def acknowledge(self, event_id: str) -> None:
-        self.source.acknowledge(event_id)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.watcher is not None:
-            self.watcher.stop(timeout_s=0)
-        self.source.close()
-
 
 def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     """The service, with the settings `main` loaded (config_path is read again on SIGHUP)."""
@@ -84,9 +41,13 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         new_settings = load_supervisor_settings(config_path)
         return new_settings, make_plan(new_settings, facts)
 
+    source: AzureScheduledEvents | None = None
+    events: EventWatcher | None = None
+    if settings.events.source == "azure":
+        source = AzureScheduledEvents(settings.events.endpoint, settings.events.request_timeout_s)
+        events = EventWatcher(source, settings.events, facts.vm_name)
     cost = CostTracker(settings.cost.prices_endpoint, is_spot=facts.instance is None or facts.instance.is_spot)
-    events: EventsThread | None = None
-    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload,
+    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload, events=events,
                       exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)))
     if settings.cost.enabled:
         arbiter.metrics.observe_cost(cost, lambda: arbiter.totals().get("succeeded", 0))
@@ -95,16 +56,13 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         else:
             log.info("cost: no VM size and region without instance metadata: no prices this run "
                      "(spot-supervisor prices --sku S --region R works anywhere)")
-    if settings.events.source == "azure":
-        events = EventsThread(settings, facts.vm_name, arbiter.submit)
-        arbiter.acknowledge_event = events.acknowledge
     try:
-        if events is not None:
-            events.start()
         return arbiter.run()
     finally:
         if events is not None:
-            events.stop()
+            events.stop(timeout_s=0)
+        if source is not None:
+            source.close()
         telemetry.shutdown()
 
 

@@ -86,7 +86,7 @@ def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
 
     yield start
     for runtime in started:
-        runtime.drain(time.time() + 5)
+        runtime.stop_receiving(time.time() + 5)
         deadline = time.monotonic() + 5
         while not runtime.idle() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -262,7 +262,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     wait_until(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     texts = wait_until(lambda: len(peek_texts(queue)) == 9 and peek_texts(queue), 1.0, interval=0.01,
                      what="the 9 unstarted messages to be visible again")
     assert time.monotonic() - began <= 1.0
@@ -402,7 +402,7 @@ def test_empty_queue_polls_back_off_and_drain_wakes_an_idle_worker(azurite: Azur
     assert gaps[0] < 0.15 and max(gaps) >= 0.35 and max(gaps) <= 2.3, gaps
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     wait_until(lambda: not any(t.is_alive() for t in runtime.consumer_threads), 0.2, interval=0.005,
              what="the sleeping consumer to wake and stop")
     assert runtime.idle()
