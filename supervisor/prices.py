@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,9 +123,11 @@ def fetch_quote(endpoint: str, sku: str, region: str, *, timeout_s: float = REQU
     url: str | None = endpoint
     params: dict[str, str] | None = {"api-version": API_VERSION, "$filter": price_filter(sku, region)}
     with httpx.Client(trust_env=True, timeout=timeout_s, headers={"User-Agent": "spot-supervisor-prices"}) as client:
-        for _ in range(MAX_PAGES):
-            if url is None:
-                break
+        pages = 0
+        while url is not None:
+            pages += 1
+            if pages > MAX_PAGES:
+                raise PricesError(f"{endpoint}: more than {MAX_PAGES} pages for one size in one region")
             page = _get_page(client, url, params, backoff, sleep)
             page_items = page.get("Items")
             if not isinstance(page_items, list):
@@ -133,8 +135,6 @@ def fetch_quote(endpoint: str, sku: str, region: str, *, timeout_s: float = REQU
             items.extend(item for item in page_items if isinstance(item, dict))
             link = page.get("NextPageLink")
             url, params = (link, None) if isinstance(link, str) and link else (None, None)
-        else:
-            raise PricesError(f"{endpoint}: more than {MAX_PAGES} pages for one size in one region")
     return quote_from_items(items, sku, region)
 
 
@@ -177,7 +177,7 @@ def _where(url: str) -> str:
 # -- the day's cache ------------------------------------------------------------------------------
 
 
-def state_directory(environ: dict[str, str] | os._Environ[str] | None = None) -> Path:
+def state_directory(environ: Mapping[str, str] | None = None) -> Path:
     """systemd's StateDirectory= ($STATE_DIRECTORY), else $XDG_STATE_HOME/spot-supervisor, else ~/.local/state/spot-supervisor."""
     env = os.environ if environ is None else environ
     if env.get("STATE_DIRECTORY"):

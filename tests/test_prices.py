@@ -197,6 +197,13 @@ def test_a_long_retry_after_is_honoured_within_the_cap() -> None:
     assert waits == [7.0]
 
 
+def test_a_next_page_link_that_loops_is_an_error_not_a_hang() -> None:
+    looping = [{"Items": [], "NextPageLink": "https://prices.azure.com/api/retail/prices?$skip=0"}]
+    with RetailPrices(pages=looping) as api, pytest.raises(PricesError, match="more than 50 pages"):
+        fetch_quote(api.endpoint, SKU, REGION)
+    assert len(api.requests) == 50
+
+
 # -- the service's figures ------------------------------------------------------------------------
 
 
