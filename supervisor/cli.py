@@ -1,4 +1,4 @@
-"""The `spot-supervisor` command: run, plan, simulate, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
         if not math.isfinite(value) or value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
         return value
