@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
 from supervisor.eviction import Decision, EvictionPolicy
+from supervisor.gpus import Gpu, discover_gpus
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info
 from supervisor.scheduled_events import AzureScheduledEvents, Backoff, EventWatcher
 from supervisor.sizing import Plan, compute_plan, read_resources
@@ -25,6 +26,7 @@ INSTANCE_TIMEOUT_S = 2.0
 class VmFacts:
     instance: InstanceInfo | None
     vm_name: str
+    gpus: tuple[Gpu, ...] = ()
 
     @property
     def vm_size(self) -> str | None:
@@ -41,11 +43,16 @@ def read_vm_facts(settings: Settings, warn: bool = True) -> VmFacts:
             if warn:
                 log.warning("instance metadata unavailable at %s (%s): sizing without vmSize; "
                             "set events.source = \"none\" when not on Azure", settings.events.endpoint, exc)
-    return VmFacts(instance, settings.events.vm_name or (instance.name if instance else ""))
+    gpus = discover_gpus()  # once: GPUs do not come and go, a SIGHUP re-plans with the same ones
+    if gpus.warning and warn:
+        log.warning("%s", gpus.warning)
+    elif gpus.gpus:
+        log.debug("%d GPU(s) found by %s", len(gpus.gpus), gpus.source)
+    return VmFacts(instance, settings.events.vm_name or (instance.name if instance else ""), gpus.gpus)
 
 
 def make_plan(settings: Settings, facts: VmFacts) -> Plan:
-    return compute_plan(settings.scaling, settings.workload.mode, read_resources(), facts.vm_size)
+    return compute_plan(settings.scaling, settings.workload.mode, read_resources(), facts.vm_size, facts.gpus)
 
 
 class EventsThread(threading.Thread):

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 ENV_PREFIX = "SPOT_"
 MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+MAX_WORKERS_PER_GPU = 64
 DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
 
@@ -72,6 +73,7 @@ class ScalingSettings:
     min_workers: int = 1
     max_workers: int = 64
     memory_per_worker_mb: int = 256
+    workers_per_gpu: int = 1
     respawn_delay_max_s: float = 30.0
     sku: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -291,6 +293,8 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
              f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
     _require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
              f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
+    _require(0 <= sc["workers_per_gpu"] <= MAX_WORKERS_PER_GPU, f"{prefix}.workers_per_gpu",
+             f"must be 0 (ignore GPUs) to {MAX_WORKERS_PER_GPU}, got {sc['workers_per_gpu']}")
 
 
 _QUEUE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # ASCII only: str.islower() accepts "ö"
