@@ -10,7 +10,7 @@ import os
 import re
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,25 @@ import pytest
 from azure.storage.queue import QueueClient
 from conftest import Azurite, child_env
 from nvidia_smi_standin import install, uuids
-from test_supervisor import Supervisor, run_plan, start  # noqa: F401  (start is a fixture)
+from test_supervisor import Supervisor, run_plan
 from waiting import wait_until
 
 SPAWNED = re.compile(r"spawned worker (\d+) \(slot (\d+), GPU (\d+) \((\S+)\)")
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def _start(env: dict[str, str], *args: str) -> Supervisor:
+        started.append(Supervisor(env, tmp_path, *args))
+        return started[-1]
+
+    try:
+        yield _start
+    finally:
+        for sup in started:
+            sup.cleanup()
 
 
 def gpu_env(azurite: Azurite, bin_dir: Path, **spot: str) -> dict[str, str]:
