@@ -28,8 +28,8 @@ SPAWNED = re.compile(r"spawned worker (\d+) \(slot (\d+), GPU (\d+) \((\S+)\)")
 def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []
 
-    def _start(env: dict[str, str], *args: str) -> Supervisor:
-        started.append(Supervisor(env, tmp_path, *args))
+    def _start(env: dict[str, str], *args: str, preexec_fn: Callable[[], None] | None = None) -> Supervisor:
+        started.append(Supervisor(env, tmp_path, *args, preexec_fn=preexec_fn))
         return started[-1]
 
     try:
