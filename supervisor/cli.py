@@ -1,4 +1,4 @@
-"""The `spot-supervisor` command: run, plan, simulate, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, enqueue, poison."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from azure.core.exceptions import AzureError
 
 from supervisor import imds_simulator
+from supervisor import poison as poison_tools
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
 from worker.process import EX_CONFIG
@@ -41,11 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--file", help="one message per non-empty line ('-' for standard input)")
     enqueue.add_argument("--chunks", type=int, default=5, help="sample handler: chunks per message (default 5)")
     enqueue.add_argument("--chunk-ms", type=float, default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+
+    poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
+    poison_tools.add_arguments(poison)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "poison":
+        poison_tools.check_arguments(parser, args)
     if args.command == "simulate":
         setup_logging("INFO", "imds-simulator")
         return imds_simulator.run(args)
@@ -58,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_service(args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
+        if args.command == "poison":
+            try:
+                return poison_tools.run(args, settings.queue)
+            except (poison_tools.PoisonError, AzureError) as exc:
+                print(f"poison: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
+                return 1
         from supervisor.enqueue import EnqueueError, run_enqueue
 
         try:
