@@ -184,8 +184,10 @@ def purge(settings: QueueSettings) -> int | None:
 def format_list(queue: str, messages: list[PoisonedMessage], total: int | None) -> str:
     if not messages:
         return f"{queue}: empty"
-    shown = f"showing the oldest {len(messages)}" if total is None or total > len(messages) else f"{len(messages)} message(s)"
-    lines = [f"{queue}: about {total if total is not None else '?'} message(s), {shown}"]
+    if total is None or total > len(messages):
+        lines = [f"{queue}: about {total if total is not None else '?'} message(s), showing the oldest {len(messages)}"]
+    else:
+        lines = [f"{queue}: {len(messages)} message(s)"]
     for m in messages:
         count = f"dequeued {m.dequeue_count}×" if m.dequeue_count is not None else "dequeue count unknown"
         lines.append(f"{m.id}  inserted {m.inserted_on or '?'}  poisoned {m.poisoned_at or '?'}  {count}")

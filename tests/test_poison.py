@@ -70,16 +70,17 @@ def test_list_requeue_purge_what_a_failing_handler_poisoned(azurite: Azurite, qu
     by_original = {m["original_id"]: m for m in data["messages"]}
     assert set(by_original) == set(sent)
     for original_id, m in by_original.items():
-        assert m["reason"] == "handler failed 1 times (max_dequeue_count 1)"
+        assert m["reason"] == "handler failed 1 times (max_dequeue_count 1); last: RuntimeError: failing on purpose (attempt 1)"
         assert m["dequeue_count"] == 1
         assert m["body_preview"] == sent[original_id].content
         assert m["body_bytes"] == len(sent[original_id].content.encode())
         assert m["inserted_on"] == sent[original_id].inserted_on.isoformat()
     text = cli(env, "poison", "list")
-    assert text.returncode == 0 and "about 3 message(s), 3 message(s)" in text.stdout
-    assert text.stdout.count("why:  handler failed 1 times (max_dequeue_count 1)") == 3
+    assert text.returncode == 0 and f"{queue_name}-poison: 3 message(s)\n" in text.stdout
+    assert text.stdout.count("why:  handler failed 1 times (max_dequeue_count 1); last: RuntimeError: failing on purpose") == 3
     limited = json.loads(cli(env, "poison", "list", "--json", "--limit", "2").stdout)
     assert len(limited["messages"]) == 2 and limited["approximate_count"] == 3
+    assert f"{queue_name}-poison: about 3 message(s), showing the oldest 1\n" in cli(env, "poison", "list", "--limit", "1").stdout
 
     first = next(m for m in data["messages"])
     one = cli(env, "poison", "requeue", first["id"])

@@ -86,6 +86,7 @@ class Consumer:
         self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
+        self.last_error = ""  # of this consumer's last failed handler call
 
     def receive_count(self) -> int:
         """How many messages to take: about prefetch_s of work, so slow handlers on one VM
@@ -220,6 +221,7 @@ class Consumer:
             mark_failed(span, exc)
             handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
                                 message.dequeue_count, type(exc).__name__, exc, exc_info=True)
+            self.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())  # for the poison note, one line
             return "failed"
         return "succeeded"
 
@@ -239,7 +241,8 @@ class Consumer:
 
     def settle_failure(self, lease: Lease, failures: int, message: Message | None = None) -> None:
         if failures >= self.settings.max_dequeue_count:
-            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})",
+            last = f"; last: {self.last_error}" if self.last_error else ""
+            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
                         message.dequeue_count if message else None, message.inserted_on if message else None)
             return
         self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)))
