@@ -339,8 +339,8 @@ def test_base64_messages_checkpoints_and_undecodable_poison(azurite: Azurite, qu
     assert [s["state"] for s in resumed] == [{"k": "välue ✓"}]  # checkpoint round-tripped through base64
     assert sorted(poisoned_originals(poison)) == sorted(raw[1:])
     reasons = sorted(note.reason for note in (read_poisoned(t)[1] for t in peek_texts(poison)) if note is not None)
-    assert [r.partition(";")[0].partition(":")[0] for r in reasons] == ["handler failed 1 times (max_dequeue_count 1)", "undecodable (base64)",
-                                                  "undecodable (base64)"], reasons
+    assert [r.partition(";")[0].partition(":")[0] for r in reasons] == [
+        "handler failed 1 times (max_dequeue_count 1)", "undecodable (base64)", "undecodable (base64)"], reasons
     assert runtime.stats()["poisoned"] == 3 and runtime.stats()["succeeded"] == 1
 
 
