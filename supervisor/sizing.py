@@ -19,8 +19,8 @@ from typing import Any
 
 import psutil
 
+from supervisor.config import ScalingSettings
 from supervisor.gpus import Gpu, describe_gpus
-from worker.settings import ScalingSettings
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PROC_SELF_CGROUP = Path("/proc/self/cgroup")

@@ -17,9 +17,9 @@ import pytest
 from nvidia_smi_standin import FIXTURES, install, query_output, uuids
 
 from supervisor import gpus as gpus_module
+from supervisor.config import ConfigError, ScalingSettings, load_supervisor_settings
 from supervisor.gpus import Gpu, GpuToolError, discover_gpus, gpu_attributes, parse_nvidia_smi_csv, pin_to_gpu
 from supervisor.sizing import Resources, compute_plan, format_plan
-from worker.settings import ConfigError, ScalingSettings, load_settings
 
 H100 = "NVIDIA H100 NVL"
 
@@ -244,14 +244,14 @@ def test_text_plan_says_which_gpu_each_worker_gets() -> None:
 
 
 def test_workers_per_gpu_setting(tmp_path: Path) -> None:
-    assert load_settings(None, {}, require_queue=False).scaling.workers_per_gpu == 1
-    assert load_settings(None, {"SPOT_SCALING_WORKERS_PER_GPU": "2"}, require_queue=False).scaling.workers_per_gpu == 2
+    assert load_supervisor_settings(None, {}, require_queue=False).scaling.workers_per_gpu == 1
+    assert load_supervisor_settings(None, {"SPOT_SCALING_WORKERS_PER_GPU": "2"}, require_queue=False).scaling.workers_per_gpu == 2
     with pytest.raises(ConfigError, match=r"scaling\.workers_per_gpu.*must be 0 \(ignore GPUs\) to 64, got -1"):
-        load_settings(None, {"SPOT_SCALING_WORKERS_PER_GPU": "-1"}, require_queue=False)
+        load_supervisor_settings(None, {"SPOT_SCALING_WORKERS_PER_GPU": "-1"}, require_queue=False)
     config = tmp_path / "c.toml"
     config.write_text("[scaling.sku.Standard_NC24ads_A100_v4]\nworkers_per_gpu = 100\n")
     with pytest.raises(ConfigError, match=r"scaling\.sku\.Standard_NC24ads_A100_v4\.workers_per_gpu"):
-        load_settings(config, {}, require_queue=False)
+        load_supervisor_settings(config, {}, require_queue=False)
 
 
 def test_pin_to_gpu_sets_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
