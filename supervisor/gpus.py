@@ -54,14 +54,24 @@ class GpuDiscovery:
     gpus: tuple[Gpu, ...] = ()
     source: str = "none"  # "nvml", "nvidia-smi" or "none"
     warning: str | None = None  # one line for the operator when a tool was there but failed
+    note: str | None = None  # why fewer GPUs are used than were found
 
 
 class GpuToolError(Exception):
     """nvidia-smi or NVML answered with an error or with something we cannot read."""
 
 
-def discover_gpus(nvidia_smi: str | None = None) -> GpuDiscovery:
-    """The GPUs of this machine. Never raises."""
+def discover_gpus(nvidia_smi: str | None = None, visible: str | None = None) -> GpuDiscovery:
+    """The GPUs of this machine, limited to `visible` (the supervisor's own CUDA_VISIBLE_DEVICES) when set.
+    Never raises."""
+    found = _discover(nvidia_smi)
+    if visible is None or not found.gpus:
+        return found
+    gpus, note = only_visible(found.gpus, visible)
+    return GpuDiscovery(gpus, found.source, found.warning, note)
+
+
+def _discover(nvidia_smi: str | None) -> GpuDiscovery:
     problems: list[str] = []
     pynvml = _import_nvml()
     if pynvml is not None:
@@ -79,6 +89,20 @@ def discover_gpus(nvidia_smi: str | None = None) -> GpuDiscovery:
         except GpuToolError as exc:
             problems.append(f"{NVIDIA_SMI}: {exc}")
     return GpuDiscovery((), "none", _warning(problems))
+
+
+def only_visible(gpus: Sequence[Gpu], visible: str) -> tuple[tuple[Gpu, ...], str]:
+    """The GPUs an operator left visible to the service (indices, UUIDs or UUID prefixes, as CUDA reads them:
+    up to the first entry that names no GPU), so workers are never pinned to a GPU it kept for something else."""
+    chosen: list[Gpu] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        matches = [g for g in gpus if entry and (entry == str(g.index) or (g.uuid and g.uuid.startswith(entry)))]
+        if len(matches) != 1:  # nothing, or an ambiguous UUID prefix
+            break
+        gpu = matches[0]
+        if gpu not in chosen:
+            chosen.append(gpu)
+    return tuple(chosen), f"CUDA_VISIBLE_DEVICES={visible!r} in the supervisor's environment: {len(chosen)} of {len(gpus)} GPUs used"
 
 
 def _warning(problems: Sequence[str]) -> str | None:

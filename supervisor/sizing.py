@@ -267,13 +267,15 @@ def _memory_headroom(root: Path, v2_path: str | None, v1_paths: dict[str, str],
 
 
 def compute_plan(scaling: ScalingSettings, mode: str, resources: Resources, vm_size: str | None,
-                 gpus: tuple[Gpu, ...] = ()) -> Plan:
+                 gpus: tuple[Gpu, ...] = (), gpu_note: str | None = None) -> Plan:
     """How many workers and threads to run, which GPU each worker gets, and why."""
     reasons: list[str] = [_describe_cpus(resources)]
     scaling = _apply_sku_overrides(scaling, vm_size, reasons)
     cpus = resources.usable_cpus
     if gpus:
         reasons.append(f"{describe_gpus(gpus)} found")
+    if gpu_note:
+        reasons.append(gpu_note)
 
     if mode == "scale-up":
         if scaling.workers > 0:

@@ -42,6 +42,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
 def gpu_env(azurite: Azurite, bin_dir: Path, **spot: str) -> dict[str, str]:
     env = child_env(azurite, scaling_memory_per_worker_mb="0", **spot)
     env["PATH"] = str(bin_dir)  # only the stand-in (or nothing): a real nvidia-smi elsewhere must not count
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
 
@@ -63,6 +64,10 @@ def test_plan_sizes_by_gpu(azurite: Azurite, tmp_path: Path, start: Callable[...
     two = run_plan(start, gpu_env(azurite, tmp_path / "bin", scaling_workers_per_gpu="2"))
     assert two["workers"] == 8
     assert Counter(s["gpu"] for s in two["slots"]) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+    kept = run_plan(start, {**gpu_env(azurite, tmp_path / "bin"), "CUDA_VISIBLE_DEVICES": f"3,{uuids(4)[1]}"})
+    assert kept["workers"] == 2 and [s["gpu"] for s in kept["slots"]] == [3, 1]
+    assert any("2 of 4 GPUs used" in reason for reason in kept["reasons"]), kept["reasons"]
 
     text = start(gpu_env(azurite, tmp_path / "bin", scaling_workers_per_gpu="2"), "plan")
     assert text.wait(20) == 0

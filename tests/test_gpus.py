@@ -18,7 +18,7 @@ from nvidia_smi_standin import FIXTURES, install, query_output, uuids
 
 from supervisor import gpus as gpus_module
 from supervisor.config import ConfigError, ScalingSettings, load_supervisor_settings
-from supervisor.gpus import Gpu, GpuToolError, discover_gpus, gpu_attributes, parse_nvidia_smi_csv, pin_to_gpu
+from supervisor.gpus import Gpu, GpuToolError, discover_gpus, gpu_attributes, only_visible, parse_nvidia_smi_csv, pin_to_gpu
 from supervisor.sizing import Resources, compute_plan, format_plan
 
 H100 = "NVIDIA H100 NVL"
@@ -263,3 +263,26 @@ def test_pin_to_gpu_sets_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -
     pin_to_gpu(Gpu(3, "", "x", 0))
     assert (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["CUDA_DEVICE_ORDER"]) == ("3", "PCI_BUS_ID")
     assert gpu_attributes(gpu)["spot.gpu.index"] == "2"
+
+
+def test_the_supervisors_own_cuda_visible_devices_limits_the_gpus() -> None:
+    gpus = four_gpus()
+    chosen, note = only_visible(gpus, f"3, {uuids(4)[1]}")  # an index and a UUID, as CUDA reads them
+    assert [g.index for g in chosen] == [3, 1]
+    assert note == f"CUDA_VISIBLE_DEVICES='3, {uuids(4)[1]}' in the supervisor's environment: 2 of 4 GPUs used"
+    assert only_visible(gpus, "GPU-5b1c")[0] == ()  # a prefix of every UUID names no one GPU
+    mixed = (Gpu(0, "GPU-aaaa-1", "T4", 0), Gpu(1, "GPU-bbbb-2", "T4", 0))
+    assert only_visible(mixed, "GPU-bb")[0] == (mixed[1],)
+    assert [g.index for g in only_visible(gpus, "2,7,0")[0]] == [2]  # CUDA stops at the first unknown entry
+    assert only_visible(gpus, "")[0] == () and only_visible(gpus, "-1")[0] == ()
+    plan = compute_plan(ScalingSettings(), "scale-out", res(), None, chosen, note)
+    assert plan.workers == 2 and [plan.gpu_for_slot(s).index for s in range(2)] == [3, 1]  # type: ignore[union-attr]
+    assert note in plan.reasons
+
+
+def test_discovery_applies_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(tmp_path / "bin", gpus=4)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    found = discover_gpus(visible="0,1")
+    assert [g.index for g in found.gpus] == [0, 1] and found.note is not None and "2 of 4 GPUs used" in found.note
+    assert discover_gpus().note is None
