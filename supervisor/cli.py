@@ -1,4 +1,4 @@
-"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue, poison."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from supervisor import imds_simulator
+from supervisor import imds_simulator, poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--file", help="one message per line that is not blank ('-' for standard input)")
     enqueue.add_argument("--chunks", type=at_least(1, int), default=5, help="sample handler: chunks per message (default 5)")
     enqueue.add_argument("--chunk-ms", type=at_least(0, float), default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+
+    poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
+    poison_cli.add_arguments(poison)
     return parser
 
 
@@ -67,7 +70,10 @@ def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "poison":
+        poison_cli.check_arguments(parser, args)
     if args.command == "simulate":
         setup_logging("INFO", "imds-simulator")
         return imds_simulator.run(args)
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return print_plan(settings, args.json)
         if args.command == "prices":
             return print_prices(settings, args.sku, args.region, args.json)
+        if args.command == "poison":
+            return poison_cli.run(args, settings.queue)
         return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         print(exc, file=sys.stderr)
