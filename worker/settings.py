@@ -73,6 +73,7 @@ class ScalingSettings:
     max_workers: int = 64
     memory_per_worker_mb: int = 256
     respawn_delay_max_s: float = 30.0
+    worker_timeout_s: float = 20.0
     sku: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -289,6 +290,8 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
     _require(sc["min_workers"] >= 1, f"{prefix}.min_workers", f"must be at least 1, got {sc['min_workers']}")
     _require(sc["max_workers"] >= sc["min_workers"], f"{prefix}.max_workers",
              f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
+    _require(2 <= sc["worker_timeout_s"] <= 3600, f"{prefix}.worker_timeout_s",
+             f"must be between 2 and 3600 (workers report every second), got {sc['worker_timeout_s']}")
     _require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
              f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
 
