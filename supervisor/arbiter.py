@@ -16,13 +16,13 @@ from collections.abc import Callable
 from types import FrameType
 
 from supervisor import sdnotify
+from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress, DrainPhase, Outcome, why_not_acknowledged
 from supervisor.event_watcher import EventWatcher
 from supervisor.eviction import Acknowledged, Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.sizing import Plan
 from supervisor.workers import WorkerPool
 from worker.control import Kind
-from worker.settings import Settings
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 
 
 class Arbiter(WorkerPool):
-    def __init__(self, settings: Settings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
-                 reload: Callable[[], tuple[Settings, Plan]] | None = None,
+    def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
+                 reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
                  events: EventWatcher | None = None) -> None:
         super().__init__(settings, plan, telemetry, attributes, reload)
         self.events = events  # None when not watching Scheduled Events
@@ -173,7 +173,7 @@ class Arbiter(WorkerPool):
 
     def on_eviction_notice(self, notice: EvictionNotice) -> None:
         event = notice.event
-        self.telemetry.record_eviction_notice(event.event_type)
+        self.metrics.record_eviction_notice(event.event_type)
         log.warning("%s %s (%s) for this VM, NotBefore %s: draining", event.event_type, event.event_id,
                     event.status, event.not_before.isoformat() if event.not_before else "now")
         if not notice.acknowledge:
@@ -229,7 +229,7 @@ class Arbiter(WorkerPool):
         """No worker left: acknowledge what we may (never waiting here), then exit, resume or hold."""
         if state.drained_at is None:
             state.drained_at = now
-            self.telemetry.record_drain(now - state.started_at, state.reason)
+            self.metrics.record_drain(now - state.started_at, state.reason)
             log.info("drained in %.3fs (%s)", now - state.started_at, state.reason)
         if self.events is not None:
             for event_id in state.acks_due(now):

@@ -13,15 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from supervisor.config import EventsSettings
 from supervisor.eviction import Acknowledged, Decision, EvictionPolicy
 from supervisor.imds import ImdsError, fetch_instance_info
+from supervisor.planning import INSTANCE_TIMEOUT_S
 from supervisor.scheduled_events import EventSource
 from worker.backoff import Backoff
-from worker.settings import EventsSettings
 
 log = logging.getLogger(__name__)
 
-INSTANCE_TIMEOUT_S = 2.0
 FAILURE_WARNING_EVERY_S = 60.0  # while polls keep failing, one WARNING a minute; the others at DEBUG
 
 

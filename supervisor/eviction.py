@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Union
 
+from supervisor.config import EventsSettings
 from supervisor.scheduled_events import EventsDocument, ScheduledEvent
-from worker.settings import EventsSettings
 
 log = logging.getLogger(__name__)
 

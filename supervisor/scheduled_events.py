@@ -7,11 +7,11 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol
 
 import httpx
 
-from supervisor.imds import ImdsError, load_json, send, status_error
+from supervisor.imds import ImdsError, is_json_int, load_json, send, status_error
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def parse_document(raw: bytes | str) -> EventsDocument:
     if not isinstance(data, dict):
         raise ImdsError(f"scheduled events: expected a JSON object, got {type(data).__name__}")
     incarnation = data.get("DocumentIncarnation")
-    if not _is_int(incarnation):
+    if not is_json_int(incarnation):
         raise ImdsError(f"scheduled events: DocumentIncarnation must be an integer, got {incarnation!r}")
     events = data.get("Events")
     if not isinstance(events, list):
@@ -115,10 +115,6 @@ def _parse_not_before(where: str, text: str) -> datetime | None:
     if when.tzinfo is None:  # "-0000" means UTC in RFC 2822 terms
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class EventSource(Protocol):

@@ -3,51 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
+from supervisor.config import SupervisorSettings, load_supervisor_settings
 from supervisor.event_watcher import EventWatcher
-from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info
+from supervisor.planning import VmFacts, make_plan, read_vm_facts
 from supervisor.scheduled_events import AzureScheduledEvents
-from supervisor.sizing import Plan, compute_plan, read_resources
-from worker.settings import Settings, load_settings
+from supervisor.sizing import Plan
 from worker.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
 
-INSTANCE_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class VmFacts:
-    instance: InstanceInfo | None
-    vm_name: str
-
-    @property
-    def vm_size(self) -> str | None:
-        return self.instance.vm_size if self.instance else None
-
-
-def read_vm_facts(settings: Settings, warn: bool = True) -> VmFacts:
-    """Instance metadata when watching Azure; not on Azure → one warning, carry on."""
-    instance = None
-    if settings.events.source == "azure":
-        try:
-            instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
-        except ImdsError as exc:
-            if warn:
-                log.warning("instance metadata unavailable at %s (%s): sizing without vmSize; "
-                            "set events.source = \"none\" when not on Azure", settings.events.endpoint, exc)
-    return VmFacts(instance, settings.events.vm_name or (instance.name if instance else ""))
-
-
-def make_plan(settings: Settings, facts: VmFacts) -> Plan:
-    return compute_plan(settings.scaling, settings.workload.mode, read_resources(), facts.vm_size)
-
-
-def run_service(config_path: str | None) -> int:
-    settings = load_settings(config_path)
+def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
+    """The service, with the settings `main` loaded (config_path is read again on SIGHUP)."""
     facts = read_vm_facts(settings)
     if facts.instance is not None:
         i = facts.instance
@@ -67,8 +36,8 @@ def run_service(config_path: str | None) -> int:
     attributes = {"spot.vm.name": facts.vm_name, "spot.vm.size": facts.vm_size or ""}
     telemetry = setup_telemetry(settings.telemetry, "supervisor", attributes)
 
-    def reload() -> tuple[Settings, Plan]:
-        new_settings = load_settings(config_path)
+    def reload() -> tuple[SupervisorSettings, Plan]:
+        new_settings = load_supervisor_settings(config_path)
         return new_settings, make_plan(new_settings, facts)
 
     source: AzureScheduledEvents | None = None
@@ -87,7 +56,7 @@ def run_service(config_path: str | None) -> int:
         telemetry.shutdown()
 
 
-def wait_until_provisioned(settings: Settings, facts: VmFacts) -> None:
+def wait_until_provisioned(settings: SupervisorSettings, facts: VmFacts) -> None:
     from supervisor.provisioning import wait_for_provisioning
 
     if facts.instance is None or not facts.instance.resource_id:

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.child import run_child
+from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress
+from supervisor.metrics import SupervisorMetrics
 from supervisor.sizing import Plan
+from worker.backoff import exponential_delay
 from worker.control import Channel, Kind
-from worker.settings import Settings
 from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -54,18 +56,19 @@ class Settled:
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
-                 reload: Callable[[], tuple[Settings, Plan]] | None = None) -> None:
+    def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
+                 reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None) -> None:
         self.settings = settings
         self.plan = plan
         self.telemetry = telemetry
+        self.metrics = SupervisorMetrics(telemetry.meter)
         self.attributes = attributes
         self.reload_settings = reload
         self.target = plan.workers
         self.generation = 0
         # The configuration before a SIGHUP, kept until a worker of the new one is ready: if the
         # new one cannot start workers (exit 78, e.g. a handler typo), go back to it instead of exiting.
-        self.previous: tuple[Settings, Plan] | None = None
+        self.previous: tuple[SupervisorSettings, Plan] | None = None
         self.workers: dict[int, WorkerHandle] = {}
         self.slot_crashes: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
@@ -165,9 +168,9 @@ class WorkerPool:
         lived = time.time() - handle.started_at
         crashes = 0 if lived >= STABLE_AFTER_S else self.slot_crashes.get(handle.slot, 0) + 1
         self.slot_crashes[handle.slot] = crashes
-        delay = 0.0 if crashes <= 1 else min(self.settings.scaling.respawn_delay_max_s, 0.5 * 2 ** (crashes - 2))
+        delay = 0.0 if crashes <= 1 else exponential_delay(crashes - 2, 0.5, self.settings.scaling.respawn_delay_max_s)
         self.respawn_at[handle.slot] = time.time() + delay
-        self.telemetry.record_worker_respawn(described)
+        self.metrics.record_worker_respawn(described)
         log.warning("worker %d died (%s) after %.1fs; respawning slot %d in %.1fs", handle.pid, described, lived, handle.slot, delay)
 
     def check_liveness(self) -> None:

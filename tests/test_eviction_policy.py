@@ -12,6 +12,7 @@ import pytest
 from conftest import AZURE_FIXTURES
 
 from supervisor import eviction
+from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
 from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
 from supervisor.imds_simulator import ImdsSimulator
 from supervisor.scheduled_events import (
@@ -19,7 +20,6 @@ from supervisor.scheduled_events import (
     EventsDocument,
     ScheduledEvent,
 )
-from worker.settings import DEFAULT_DRAIN_ON, EventsSettings
 
 VM = "vm-spot-07"
 NOT_BEFORE = datetime(2026, 11, 21, 14, 0, 30, tzinfo=timezone.utc).timestamp()  # the fixtures' Preempt

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from conftest import AZURE_FIXTURES, free_port
 
+from supervisor.config import EventsSettings
 from supervisor.event_watcher import EventWatcher
 from supervisor.eviction import Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.imds import ImdsError
@@ -24,7 +25,6 @@ from supervisor.scheduled_events import (
     parse_document,
 )
 from worker.backoff import Backoff
-from worker.settings import EventsSettings
 
 VM = "vm-spot-07"
 

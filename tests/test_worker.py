@@ -37,7 +37,6 @@ from worker.message import Codec, Envelope
 from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
-    EventsSettings,
     QueueSettings,
     Settings,
     TelemetrySettings,
@@ -65,12 +64,11 @@ def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def settings_for(azurite: Azurite, name: str, **queue: Any) -> Settings:
-    """Test settings: events.source "none" and a local endpoint, so IMDS is never contacted."""
+    """A worker's test settings (a worker never contacts IMDS: that is the supervisor's)."""
     defaults: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2}
     settings = Settings(
         queue=QueueSettings(connection_string=azurite.connection_string, name=name, **{**defaults, **queue}),
         workload=WorkloadSettings(handler=HANDLER),
-        events=EventsSettings(source="none", endpoint="http://127.0.0.1:9"),
     )
     validate(settings)
     return settings

@@ -17,7 +17,7 @@ from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
-from worker.backoff import Backoff
+from worker.backoff import Backoff, exponential_delay
 from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
@@ -71,7 +71,7 @@ class Shared:
 
 def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
-    delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
+    delay = exponential_delay(failures - 1, settings.retry_delay_s, settings.retry_delay_max_s)
     return max(1, round(delay * random.uniform(0.8, 1.2)))
 
 
