@@ -71,7 +71,7 @@ def simulator() -> Iterator[ImdsSimulator]:
 def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     started: list[Supervisor] = []
 
-    def start_supervisor(events: bool = True, **spot: str) -> Supervisor:
+    def start_supervisor(events: bool = True, extra_env: dict[str, str] | None = None, **spot: str) -> Supervisor:
         settings = {"queue_name": queue_name, "queue_visibility_timeout_s": "10", "queue_batch_size": "8",
                     "scaling_workers": "2", "shutdown_drain_timeout_s": "20"}
         if events:
@@ -80,6 +80,7 @@ def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path:
         settings.update(spot)
         env = child_env(azurite, **settings)
         env["SPOT_SAMPLE_RESULTS"] = str(tmp_path / "results.jsonl")
+        env.update(extra_env or {})
         sup = Supervisor(env, tmp_path / f"supervisor-{len(started)}.log")
         started.append(sup)
         return sup
