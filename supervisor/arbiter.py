@@ -303,6 +303,8 @@ class Arbiter(WorkerPool):
         t = self.totals()
         running = sum(int(w.stats.get("running", 0)) for w in self.workers.values())
         drain = self.drain_state
+        if drain is not None and drain.phase is DrainPhase.HOLDING:
+            return drain.holding_status()
         state = "running" if drain is None else f"{drain.phase.value} ({drain.reason})"
         return (f"{state}: {len(self.workers)} worker(s), {running} in flight, {t.get('succeeded', 0)} done, "
                 f"{t.get('failed', 0)} failed, {t.get('poisoned', 0)} poisoned, {t.get('released', 0) + t.get('interrupted', 0)} released")

@@ -177,12 +177,16 @@ class WorkerPool:
         """A ready worker that sends nothing (stopped, or stuck without the GIL) is killed, then replaced
         like any crashed one; what it held reappears after its lease."""
         timeout = self.settings.scaling.worker_timeout_s
+        # A draining worker's loop gives its messages back, one queue call at a time, which may take long while
+        # the queue fails: it gets its drain time on top.
+        draining_timeout = timeout + self.settings.shutdown.drain_timeout_s + self.settings.shutdown.kill_grace_s
         now = time.time()
         for handle in self.workers.values():
-            if handle.ready and not handle.unresponsive and now - handle.last_heard > timeout:
+            silent = now - handle.last_heard
+            if handle.ready and not handle.unresponsive and silent > (draining_timeout if handle.retiring else timeout):
                 handle.unresponsive = True
                 log.error("worker %d sent nothing for %.1fs (scaling.worker_timeout_s %.0f): killing it",
-                          handle.pid, now - handle.last_heard, timeout)
+                          handle.pid, silent, timeout)
                 self.kill_worker(handle.pid, signal.SIGKILL)
 
     def scale(self, target: int) -> None:

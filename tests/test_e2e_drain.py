@@ -16,6 +16,7 @@ from typing import Any
 
 from azure.storage.queue import QueueClient
 from test_eviction import Supervisor, enqueue, results, simulator, start, stop_when_holding  # noqa: F401 (fixtures)
+from waiting import wait_until
 
 from supervisor.imds_simulator import ImdsSimulator
 
@@ -144,13 +145,14 @@ def test_an_older_document_does_not_undo_a_drain(start: Callable[..., Supervisor
 
 
 class WatchdogPings:
-    """A NOTIFY_SOCKET that records when each WATCHDOG=1 arrived."""
+    """A NOTIFY_SOCKET that records when each WATCHDOG=1 arrived, and every other message."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.1)
         self.times: list[float] = []
+        self.texts: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
@@ -158,8 +160,11 @@ class WatchdogPings:
     def _collect(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.sock.recv(65536) == b"WATCHDOG=1":
+                text = self.sock.recv(65536).decode()
+                if text == "WATCHDOG=1":
                     self.times.append(time.monotonic())
+                else:
+                    self.texts.append(text)
             except (TimeoutError, socket.timeout):
                 pass
 
@@ -193,6 +198,10 @@ def test_a_failed_acknowledgement_is_retried_without_blocking_the_main_loop(
         during = [t for t in pings.times if attempts[0] <= t <= attempts[-1]]
         gaps = [b - a for a, b in zip(during, during[1:])]
         assert len(during) >= 10 and max(gaps) < 0.5, f"the loop stopped while acknowledging: gaps {gaps}"
+        # systemd's STATUS says why it holds: first the failing acknowledgement, then the VM it waits for.
+        wait_until(lambda: any("acknowledged, waiting for the VM to go" in t for t in pings.texts), 10, "STATUS")
+        assert any(f"STATUS=drained, holding for Preempt {notice['EventId']} (acknowledgement failed" in t
+                   for t in pings.texts), pings.texts
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.proc.wait(15) == 0
     finally:
