@@ -46,6 +46,7 @@ class ScalingSettings:
     memory_per_worker_mb: int = 256
     workers_per_gpu: int = 1
     respawn_delay_max_s: float = 30.0
+    worker_timeout_s: float = 20.0
     sku: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -132,6 +133,8 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
     require(sc["min_workers"] >= 1, f"{prefix}.min_workers", f"must be at least 1, got {sc['min_workers']}")
     require(sc["max_workers"] >= sc["min_workers"], f"{prefix}.max_workers",
             f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
+    require(2 <= sc["worker_timeout_s"] <= 3600, f"{prefix}.worker_timeout_s",
+            f"must be between 2 and 3600 (workers report every second), got {sc['worker_timeout_s']}")
     require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
             f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
     require(0 <= sc["workers_per_gpu"] <= MAX_WORKERS_PER_GPU, f"{prefix}.workers_per_gpu",
