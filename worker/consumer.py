@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
@@ -26,6 +27,7 @@ from worker.backoff import Backoff, exponential_delay
 from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
+from worker.poisoned import poisoned_text
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
 from worker.settle import Settler
@@ -96,6 +98,7 @@ class Consumer:
         self.handler_s: float | None = None  # moving average of handler durations
         self.receive_s = 0.0  # moving average of a Get Messages round trip
         self.ahead: ReceiveAhead | None = None  # the next batch, received while this one runs
+        self.last_error = ""  # of this consumer's last failed handler call
 
     def receive_count(self) -> int:
         """How many messages to take: about prefetch_s of work, so slow handlers on one VM
@@ -214,14 +217,15 @@ class Consumer:
             envelope, body = self.shared.codec.open(text)
         except UndecodableMessage as exc:
             lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", Envelope(text), self.settings.visibility_timeout_s)
-            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}")
+            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}", qm.dequeue_count, qm.inserted_on)
             return None
         lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
         dequeue_count = qm.dequeue_count or 1
         prior_failures = max(0, dequeue_count - 1 - envelope.releases)
         if prior_failures >= self.settings.max_dequeue_count:
             # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
-            self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})")
+            self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})",
+                        dequeue_count, qm.inserted_on)
             return None
         self.shared.leases.add(lease)
         return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
@@ -248,7 +252,7 @@ class Consumer:
         elif outcome == "interrupted":
             self.settle_release(lease, outcome, duration)
         else:
-            self.settle_failure(lease, prior_failures + 1, duration)
+            self.settle_failure(lease, prior_failures + 1, message, duration)
 
     def call_handler(self, message: Message, ctx: Context, span: Any) -> str:
         try:
@@ -259,6 +263,7 @@ class Consumer:
             mark_failed(span, exc)
             handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
                                 message.dequeue_count, type(exc).__name__, exc, exc_info=True)
+            self.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())  # for the poison note, one line
             return "failed"
         return "succeeded"
 
@@ -289,15 +294,19 @@ class Consumer:
     def settle_release(self, lease: Lease, outcome: str, handler_s: float | None = None) -> None:
         self.settle(lease, outcome, lease.release, handler_s)
 
-    def settle_failure(self, lease: Lease, failures: int, handler_s: float | None = None) -> None:
+    def settle_failure(self, lease: Lease, failures: int, message: Message | None = None, handler_s: float | None = None) -> None:
         if failures >= self.settings.max_dequeue_count:
-            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})", handler_s)
+            last = f"; last: {self.last_error}" if self.last_error else ""
+            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
+                        message.dequeue_count if message else None, message.inserted_on if message else None, handler_s)
             return
         self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)), handler_s)
 
-    def poison(self, lease: Lease, reason: str, handler_s: float | None = None) -> None:
+    def poison(self, lease: Lease, reason: str, dequeue_count: int | None = None, inserted_on: datetime | None = None,
+               handler_s: float | None = None) -> None:
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
-        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client()), handler_s)
+        text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
+        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text), handler_s)
 
 
 class ReceiveAhead:
