@@ -141,6 +141,18 @@ def test_outstanding_settles_are_bounded(queue: QueueClient, queue_name: str, pr
     assert message_count(queue) == 0
 
 
+def test_scale_up_threads_share_one_bounded_settler(queue: QueueClient, queue_name: str, proxy: FaultProxy,
+                                                   record_path: Path, runtimes: Callable[..., WorkerRuntime]) -> None:
+    proxy.delay_s = 0.2
+    for i in range(12):
+        queue.send_message(f"m{i}")
+    runtime = runtimes(settings_via(proxy, queue_name, batch_size=4, prefetch_s=0, max_outstanding_settles=2), threads=3)
+    wait_until(lambda: runtime.stats()["succeeded"] == 12, 30, what="every message to be deleted")
+    assert runtime.shared.settler.peak == 2  # three consumer threads, one bound for the process
+    assert message_count(queue) == 0
+    assert len({r["thread"] for r in read_records(record_path, "start")}) > 1
+
+
 def gaps_between_messages(record_path: Path) -> list[float]:
     """Seconds from each message's end to the next message's start (one consumer, one message at a time)."""
     starts = sorted(r["t"] for r in read_records(record_path, "start"))
@@ -210,3 +222,11 @@ def test_settler_blocks_submitters_beyond_its_bound_and_waits_for_outstanding_ca
     third.join(5)
     assert settler.wait(5) and settler.outstanding == 0 and settler.peak == 2
     settler.close()
+
+
+def test_a_closed_settler_runs_late_calls_on_the_callers_thread() -> None:
+    settler = Settler(1)
+    settler.close()
+    ran_on: list[str] = []
+    settler.submit(lambda: ran_on.append(threading.current_thread().name))
+    assert ran_on == [threading.current_thread().name] and settler.outstanding == 0

@@ -27,6 +27,7 @@ class Settler:
         self._slots = threading.BoundedSemaphore(max_outstanding)
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._outstanding = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []  # started as needed, up to max_outstanding
@@ -38,7 +39,11 @@ class Settler:
 
     def submit(self, call: Callable[[], None]) -> None:
         """Run `call` on a settle thread; waits for a free slot while max_outstanding calls are under way.
-        `call` handles its own errors (what is logged and counted depends on the call)."""
+        `call` handles its own errors (what is logged and counted depends on the call). After close(), runs
+        it on the caller's thread (a handler that outlived its process's exit still settles its message)."""
+        if self._closed:
+            call()
+            return
         self._slots.acquire()
         with self._lock:
             self._outstanding += 1
@@ -57,6 +62,7 @@ class Settler:
     def close(self) -> None:
         """Let the threads end once the calls already submitted are done."""
         with self._lock:
+            self._closed = True
             for _ in self._threads:
                 self._work.put(None)
 
