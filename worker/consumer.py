@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
@@ -73,6 +73,14 @@ def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
     delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
     return max(1, round(delay * random.uniform(0.8, 1.2)))
+
+
+INTERRUPTION_DELAY_MAX_S = 30
+
+
+def interruption_delay_s(releases: int) -> int:
+    """Visibility delay after an Interrupted outside a drain: 1, 2, 4 ... 30 s as the message's releases grow."""
+    return min(INTERRUPTION_DELAY_MAX_S, 2 ** min(releases, 5))
 
 
 class Consumer:
@@ -165,16 +173,26 @@ class Consumer:
                 self.shared.leases.remove(lease)
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
-        """Lease and Message for a received message, or None when it went straight to poison."""
+        """Lease and Message for a received message, or None when it went straight to poison.
+
+        Whatever goes wrong opening one message affects that message only: it is poisoned with the reason.
+        """
         text = qm.content or ""
         try:
-            envelope, body = self.shared.codec.open(text)
+            envelope, body = self.shared.codec.open(text, qm.id)
         except UndecodableMessage as exc:
-            lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", Envelope(text), self.settings.visibility_timeout_s)
-            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}")
+            self.poison(self.lease(qm, Envelope(text)), f"undecodable ({self.settings.message_encoding}): {exc}")
             return None
-        lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
+        except Exception as exc:  # a bug here must not send the whole batch back every cycle
+            log.exception("could not open message %s", qm.id)
+            self.poison(self.lease(qm, Envelope(text)), f"could not be opened: {type(exc).__name__}: {exc}")
+            return None
         dequeue_count = qm.dequeue_count or 1
+        if envelope.upgraded:
+            # A version-1 envelope: its release count is not trusted, so its earlier attempts are not counted
+            # at all (once: the next settle rewrites it in the current form).
+            envelope = replace(envelope, releases=dequeue_count - 1)
+        lease = self.lease(qm, envelope)
         prior_failures = max(0, dequeue_count - 1 - envelope.releases)
         if prior_failures >= self.settings.max_dequeue_count:
             # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
@@ -182,6 +200,9 @@ class Consumer:
             return None
         self.shared.leases.add(lease)
         return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
+
+    def lease(self, qm: QueueMessage, envelope: Envelope) -> Lease:
+        return Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
 
     def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
         shared = self.shared
@@ -232,7 +253,13 @@ class Consumer:
         self.shared.counters.add(outcome if done else "lease_lost")
 
     def settle_release(self, lease: Lease, outcome: str) -> None:
-        self.settle(lease, outcome, lease.release)
+        if self.shared.drain.active:
+            self.settle(lease, outcome, lease.release)
+            return
+        # Interrupted outside a drain: given back after a short growing delay, not at once (which would
+        # redeliver it tens of times a second, two billable requests each).
+        delay = interruption_delay_s(lease.envelope.releases)
+        self.settle(lease, outcome, lambda: lease.release(delay_s=delay))
 
     def settle_failure(self, lease: Lease, failures: int) -> None:
         if failures >= self.settings.max_dequeue_count:

@@ -12,6 +12,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from azure.storage.queue import QueueClient
@@ -49,9 +51,10 @@ class Lease:
             self.state = LeaseState.RUNNING
             return True
 
-    def _update(self, content: str | None, visibility_timeout_s: int) -> None:
+    def _update(self, content: str | None, visibility_timeout_s: int, **request: Any) -> None:
         """Caller holds the lock. Keeps the newest pop receipt."""
-        receipt = self.client.update_message(self.id, self.pop_receipt, content=content, visibility_timeout=visibility_timeout_s)
+        receipt = self.client.update_message(self.id, self.pop_receipt, content=content, visibility_timeout=visibility_timeout_s,
+                                             **request)
         self.pop_receipt = receipt.pop_receipt or self.pop_receipt
         self.renewed_at = time.monotonic()
 
@@ -72,8 +75,12 @@ class Lease:
                 self.state = LeaseState.DONE
             return True
 
-    def renew(self) -> bool:
-        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s), finish=False)
+    def renew(self, timeout_s: float | None = None) -> bool:
+        """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one)."""
+        request: dict[str, Any] = {}
+        if timeout_s is not None:
+            request = {"connection_timeout": timeout_s, "read_timeout": timeout_s, "retry_total": 0}
+        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s, **request), finish=False)
 
     def checkpoint(self, envelope: Envelope, text: str) -> bool:
         """Store `envelope` (already sealed as `text`) and renew the lease in the same call."""
@@ -96,17 +103,25 @@ class Lease:
         return self._guarded("move to poison", move, finish=True)
 
     def retry_later(self, delay_s: int) -> bool:
-        return self._guarded("retry", lambda: self._update(None, delay_s), finish=True)
+        # An upgraded envelope is rewritten now, or every retry would forgive its failures again.
+        content = self.codec.seal(self.envelope, self.id) if self.envelope.upgraded else None
+        return self._guarded("retry", lambda: self._update(content, delay_s), finish=True)
 
-    def release(self, only_if_pending: bool = False) -> bool:
-        """Visible again at once, counting the release in the message so it never counts as a failure."""
+    def release(self, only_if_pending: bool = False, delay_s: int = 0) -> bool:
+        """Visible again after `delay_s` (at once by default), counting the release in the message so it
+        never counts as a failure."""
         def give_back() -> None:
-            counted = Envelope(self.envelope.original, self.envelope.state, self.envelope.releases + 1)
-            text: str | None = self.codec.seal(counted)
-            if text is not None and text_size(text) > MAX_MESSAGE_BYTES:
-                log.warning("message %s is too large to record its release; released without counting it", self.id)
-                text = None
-            self._update(text, 0)
+            counted = replace(self.envelope, releases=self.envelope.releases + 1)
+            text = self.codec.seal(counted, self.id)
+            if text_size(text) <= MAX_MESSAGE_BYTES:
+                self._update(text, delay_s)
+                return
+            # No room for even the small header: a fresh copy replaces it (its dequeue count starts again, so
+            # this attempt is not counted as a failure; earlier ones are forgotten with it). Copy, then delete.
+            log.warning("message %s is too large to record its release (%d bytes with the header); re-enqueued as a "
+                        "fresh copy", self.id, text_size(text))
+            self.client.send_message(self.envelope.original, visibility_timeout=delay_s or None)
+            self.client.delete_message(self.id, self.pop_receipt)
 
         return self._guarded("release", give_back, finish=True, only_if=LeaseState.PENDING if only_if_pending else None)
 
@@ -140,21 +155,44 @@ class LeaseTable:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews every held message well before its visibility timeout runs out."""
+    """Renews every held message well before its visibility timeout runs out.
 
-    def __init__(self, table: LeaseTable, visibility_timeout_s: int, stop: threading.Event) -> None:
+    Renewals run concurrently (at most `MAX_CONCURRENT_RENEWALS`), each one request bounded by
+    `renew_timeout_s`, so one stalled call cannot make the others' leases expire.
+    """
+
+    MAX_CONCURRENT_RENEWALS = 8
+
+    def __init__(self, table: LeaseTable, visibility_timeout_s: int, stop: threading.Event,
+                 request_timeout_s: float = 30.0) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.table = table
         self.renew_after_s = visibility_timeout_s / 2
+        # Well under the margin left at renewal time (half the timeout): several tries fit in it.
+        self.renew_timeout_s = max(0.5, min(request_timeout_s, visibility_timeout_s / 6))
         self.tick_s = max(0.05, min(1.0, visibility_timeout_s / 6))
         self.stop_event = stop
+        self._renewing: set[str] = set()
+        self._renewing_lock = threading.Lock()
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.tick_s):
-            now = time.monotonic()
-            for lease in self.table.snapshot():
-                if lease.state is not LeaseState.DONE and now - lease.renewed_at >= self.renew_after_s:
-                    try:
-                        lease.renew()
-                    except Exception as exc:  # the next tick tries again; the lease still has half its time
-                        log.warning("lease renewal of message %s failed: %s", lease.id, describe(exc))
+        with ThreadPoolExecutor(self.MAX_CONCURRENT_RENEWALS, thread_name_prefix="lease-renewal") as pool:
+            while not self.stop_event.wait(self.tick_s):
+                now = time.monotonic()
+                for lease in self.table.snapshot():
+                    if lease.state is LeaseState.DONE or now - lease.renewed_at < self.renew_after_s:
+                        continue
+                    with self._renewing_lock:
+                        if lease.id in self._renewing:
+                            continue
+                        self._renewing.add(lease.id)
+                    pool.submit(self._renew, lease)
+
+    def _renew(self, lease: Lease) -> None:
+        try:
+            lease.renew(self.renew_timeout_s)
+        except Exception as exc:  # the next tick tries again; the lease still has most of its time
+            log.warning("lease renewal of message %s failed: %s", lease.id, describe(exc))
+        finally:
+            with self._renewing_lock:
+                self._renewing.discard(lease.id)

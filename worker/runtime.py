@@ -28,7 +28,8 @@ class WorkerRuntime:
         self.threads_wanted = threads
         self.consumer_threads: list[threading.Thread] = []
         self._keeper_stop = threading.Event()
-        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop)
+        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop,
+                                 settings.queue.request_timeout_s)
         self.stopped_receiving_at: float | None = None
         self.abandoned = False
 
