@@ -13,6 +13,9 @@
     interrupt_until raise Interrupted while dequeue_count <= this
     fail_until      raise RuntimeError while dequeue_count <= this
     fail            always raise RuntimeError
+    hold_gil_s      first, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
+                    as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
+                    (default: every attempt)
 
 Every event of every attempt is one JSON line, appended with a single O_APPEND
 write to the file named by $TEST_HANDLER_RECORD (read once per attempt), so
@@ -21,6 +24,7 @@ lines from many threads and processes never interleave.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -65,6 +69,9 @@ def record(message: Message, ctx: Context) -> None:
 
 def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..., None]) -> None:
     ignore_drain = bool(spec.get("ignore_drain"))
+    if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
+        ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
+        emit("held_gil", seconds=float(spec["hold_gil_s"]))
     if "checkpoint" in spec and ctx.state is None:
         emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
     if "big_checkpoint" in spec:
@@ -111,7 +118,7 @@ def _pause(seconds: float, ctx: Context, ignore_drain: bool) -> None:
 def _spec(body: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any other body: record the attempt and succeed
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -288,7 +288,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
 
 def test_releases_and_interruptions_never_poison(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                  record_path: Path, runtimes: Callable[..., WorkerRuntime]) -> None:
-    # Outside a drain an interruption is given back after 2 s, then 4 s (see test_interrupted_outside_a_drain...).
+    # Outside a drain an interruption is given back after 1 s, then 2 s (see test_interrupted_outside_a_drain...).
     body = json.dumps({"checkpoint": {"kept": True}, "interrupt_until": 2, "fail_until": 3})
     queue.send_message(body)
     runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
