@@ -22,6 +22,7 @@ from typing import Any
 from supervisor import sdnotify
 from supervisor.child import run_child
 from supervisor.eviction import Decision, Drain, Resume
+from supervisor.lease_guard import LeaseGuard
 from supervisor.sizing import Plan
 from worker.control import Channel
 from worker.process import EX_CONFIG
@@ -103,6 +104,7 @@ class Arbiter:
         self._next_status = 0.0
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
+        self.lease_guard = LeaseGuard()
 
     # --- inputs: signals and decisions only record, then wake the loop
 
@@ -129,6 +131,7 @@ class Arbiter:
 
     def run(self) -> int:
         self.install_signals()
+        self.lease_guard.start()
         log.info("supervisor %d starting %d %s worker(s) x %d thread(s) for queue %s",
                  os.getpid(), self.target, self.plan.mode, self.plan.threads, self.settings.queue.name)
         self.manage_workers()
@@ -211,10 +214,12 @@ class Arbiter:
         inherited = [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
         inherited += [parent_end.fileno(), self._wake_r, self._wake_w]
         supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
+        leases = self.lease_guard.new_table(self.plan.threads, self.settings.queue)
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes)
+            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, leases)
         child_end.close()
+        self.lease_guard.watch(pid, leases, self.settings.queue)
         self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), time.time())
         self.respawn_at.pop(slot, None)
         log.info("spawned worker %d (slot %d, %d thread(s))", pid, slot, self.plan.threads)
@@ -257,6 +262,7 @@ class Arbiter:
             for message in handle.channel.receive():  # its last words, e.g. the drained counts
                 self.on_worker_message(handle, message)
             handle.channel.close()
+            self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.drain_state is not None)
             self.worker_stopped_receiving(pid, None)
             self.settled.add(handle.stats)
             self.on_worker_exit(handle, status)
@@ -508,6 +514,7 @@ class Arbiter:
     def finish(self) -> None:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
+        self.lease_guard.stop()
         log.info("supervisor exiting (%d): %s", self.exit_code, self.status_line())
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from types import FrameType
 
 from worker.control import Channel
+from worker.lease_slots import LeaseSlots
 from worker.logs import setup_logging
 from worker.process import WorkerProcess
 from worker.settings import Settings
@@ -41,7 +42,7 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
-              inherited: Iterable[int], attributes: dict[str, str]) -> None:
+              inherited: Iterable[int], attributes: dict[str, str], lease_slots: LeaseSlots | None = None) -> None:
     """Never returns: exits the process with the worker's exit code."""
     code = 1
     try:
@@ -62,7 +63,7 @@ def run_child(settings: Settings, index: int, threads: int, sock: socket.socket,
         setup_logging(settings.telemetry.log_level, f"worker-{index}")
         telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index)})
         try:
-            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid).run()
+            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid, lease_slots).run()
         finally:
             telemetry.shutdown()
     except BaseException:  # anything unexpected in a child is logged, then the supervisor decides

@@ -13,7 +13,7 @@
     interrupt_until raise Interrupted while dequeue_count <= this
     fail_until      raise RuntimeError while dequeue_count <= this
     fail            always raise RuntimeError
-    hold_gil_s      first, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
+    hold_gil_s      after `checkpoint`, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
                     as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
                     (default: every attempt)
 
@@ -69,11 +69,11 @@ def record(message: Message, ctx: Context) -> None:
 
 def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..., None]) -> None:
     ignore_drain = bool(spec.get("ignore_drain"))
+    if "checkpoint" in spec and ctx.state is None:
+        emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
     if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
         ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
         emit("held_gil", seconds=float(spec["hold_gil_s"]))
-    if "checkpoint" in spec and ctx.state is None:
-        emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
     if "big_checkpoint" in spec:
         try:
             ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})

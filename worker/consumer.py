@@ -20,6 +20,7 @@ from azure.storage.queue import QueueClient, QueueMessage
 from worker.backoff import Backoff
 from worker.context import Context, DrainSignal
 from worker.lease import Lease, LeaseState, LeaseTable
+from worker.lease_slots import LeaseSlots
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
@@ -57,6 +58,7 @@ class Shared:
     drain: DrainSignal = field(default_factory=DrainSignal)
     stop_receiving: threading.Event = field(default_factory=threading.Event)
     counters: Counters = field(default_factory=Counters)
+    lease_slots: LeaseSlots | None = None  # shared with the supervisor's lease guard
     _poison: QueueClient | None = None
     _poison_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -202,7 +204,8 @@ class Consumer:
         return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
 
     def lease(self, qm: QueueMessage, envelope: Envelope) -> Lease:
-        return Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
+        return Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s,
+                     self.shared.lease_slots)
 
     def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
         shared = self.shared

@@ -11,13 +11,15 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 from azure.storage.queue import QueueClient
 
+from worker.lease_slots import LeaseSlots
 from worker.message import MAX_MESSAGE_BYTES, Codec, Envelope, text_size
 from worker.queue_client import describe, is_lease_lost
 
@@ -32,7 +34,7 @@ class LeaseState(enum.Enum):
 
 class Lease:
     def __init__(self, client: QueueClient, codec: Codec, message_id: str, pop_receipt: str,
-                 envelope: Envelope, visibility_timeout_s: int) -> None:
+                 envelope: Envelope, visibility_timeout_s: int, slots: LeaseSlots | None = None) -> None:
         self.client = client
         self.codec = codec
         self.id = message_id
@@ -42,6 +44,34 @@ class Lease:
         self.renewed_at = time.monotonic()
         self.state = LeaseState.PENDING
         self.lock = threading.Lock()
+        # Shared with the supervisor's lease guard (see worker.lease_slots); None in a standalone worker.
+        self.slots = slots
+        self.slot = slots.claim(message_id, pop_receipt, visibility_timeout_s, self._release_text()) if slots else None
+
+    def _release_text(self) -> str | None:
+        """The queue text that records one more release, if it fits."""
+        text = self.codec.seal(replace(self.envelope, releases=self.envelope.releases + 1), self.id)
+        return text if text_size(text) <= MAX_MESSAGE_BYTES else None
+
+    @contextmanager
+    def _shared_slot(self) -> Iterator[None]:
+        """Caller holds self.lock. Around one queue call: the slot's lock, the receipt the supervisor may
+        have renewed, and afterwards the new receipt (or the slot freed once the lease is done)."""
+        slots, slot = self.slots, self.slot
+        if slots is None or slot is None:
+            yield
+            return
+        with slots.locked(slot):
+            self.pop_receipt = slots.pop_receipt(slot)
+            self.renewed_at = max(self.renewed_at, slots.renewed_at(slot))
+            try:
+                yield
+            finally:
+                if self.state is LeaseState.DONE:
+                    slots.free(slot)
+                    self.slot = None
+                else:
+                    slots.record(slot, self.pop_receipt, self.renewed_at)
 
     def start(self) -> bool:
         """PENDING → RUNNING; False when a drain released it first."""
@@ -63,17 +93,18 @@ class Lease:
         with self.lock:
             if self.state is LeaseState.DONE or (only_if is not None and self.state is not only_if):
                 return False
-            try:
-                action()
-            except Exception as exc:
-                if is_lease_lost(exc):
-                    log.warning("lease lost on %s of message %s (%s): another consumer may have it", what, self.id, describe(exc))
+            with self._shared_slot():
+                try:
+                    action()
+                except Exception as exc:
+                    if is_lease_lost(exc):
+                        log.warning("lease lost on %s of message %s (%s): another consumer may have it", what, self.id, describe(exc))
+                        self.state = LeaseState.DONE
+                        return False
+                    raise
+                if finish:
                     self.state = LeaseState.DONE
-                    return False
-                raise
-            if finish:
-                self.state = LeaseState.DONE
-            return True
+                return True
 
     def renew(self, timeout_s: float | None = None) -> bool:
         """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one)."""
@@ -87,6 +118,8 @@ class Lease:
         def store() -> None:
             self._update(text, self.visibility_timeout_s)
             self.envelope = envelope
+            if self.slots is not None and self.slot is not None:
+                self.slots.set_release_text(self.slot, self._release_text())
 
         return self._guarded("checkpoint", store, finish=False)
 
@@ -126,7 +159,7 @@ class Lease:
         return self._guarded("release", give_back, finish=True, only_if=LeaseState.PENDING if only_if_pending else None)
 
     def finish_without_call(self) -> None:
-        with self.lock:
+        with self.lock, self._shared_slot():
             self.state = LeaseState.DONE
 
 

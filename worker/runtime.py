@@ -10,6 +10,7 @@ from typing import Any
 from worker.consumer import Consumer, Shared, release_all, release_pending
 from worker.handler import load_handler
 from worker.lease import LeaseKeeper
+from worker.lease_slots import LeaseSlots
 from worker.message import Codec
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -20,11 +21,13 @@ RECEIVE_GRACE_S = 2.0
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1,
+                 lease_slots: LeaseSlots | None = None) -> None:
         """Raises HandlerImportError when the handler cannot be imported."""
         handler = load_handler(settings.workload.handler)
         self.settings = settings
-        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding))
+        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding),
+                             lease_slots=lease_slots)
         self.threads_wanted = threads
         self.consumer_threads: list[threading.Thread] = []
         self._keeper_stop = threading.Event()
