@@ -25,7 +25,7 @@ from waiting import wait_until
 
 from testsupport.proxy import FaultProxy
 from worker import context as context_module
-from worker.context import Context, DrainSignal
+from worker.context import Context, StopSignal
 from worker.lease import Lease
 from worker.message import Codec, Envelope
 from worker.runtime import WorkerRuntime
@@ -132,7 +132,7 @@ class _Unreachable:
 def test_a_checkpoint_that_keeps_failing_lets_the_handler_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(context_module, "CHECKPOINT_RETRY_BASE_S", 0.01)
     lease = Lease(_Unreachable(), Codec("none"), "id-1", "receipt", Envelope("body"), 30)  # type: ignore[arg-type]
-    ctx = Context(lease, Codec("none"), DrainSignal(), context_module.log)
+    ctx = Context(lease, Codec("none"), StopSignal(), context_module.log)
     assert ctx.checkpoint({"k": 1}) is False  # not stored, not raised
     assert ctx.state is None and lease.envelope == Envelope("body")
 
