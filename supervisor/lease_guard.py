@@ -48,7 +48,7 @@ class LeaseGuard(threading.Thread):
         super().__init__(name="lease-guard", daemon=True)
         self._workers: dict[int, WatchedWorker] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._clients: dict[tuple[str, str, str], QueueClient] = {}
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_CALLS, thread_name_prefix="lease-guard-call")
         self.renewals = 0  # made on a worker's behalf (for tests and the log)
@@ -89,13 +89,13 @@ class LeaseGuard(threading.Thread):
         return given
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the guard's own thread
 
     def run(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stopping.wait(self.tick_s):
             with self._lock:
                 workers = list(self._workers.values())
             for worker in workers:
