@@ -46,6 +46,7 @@ def test_a_handler_holding_the_gil_past_the_visibility_timeout_keeps_its_lease(
     assert [(s["id"], s["dequeue_count"]) for s in starts] == [(sent.id, 1)], sup.log()[-3000:]
     assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"]
     assert "renewing it on the worker's behalf" in sup.log()
+    assert "the lease keeper could not run for" in sup.log()  # and the worker says why, once it can
     assert not _exists(azurite, queue_name) or list(azurite.queue(f"{queue_name}-poison").peek_messages()) == []
 
 

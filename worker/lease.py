@@ -210,8 +210,16 @@ class LeaseKeeper(threading.Thread):
 
     def run(self) -> None:
         with ThreadPoolExecutor(self.MAX_CONCURRENT_RENEWALS, thread_name_prefix="lease-renewal") as pool:
+            woke = time.monotonic()
             while not self.stop_event.wait(self.tick_s):
                 now = time.monotonic()
+                stalled = now - woke - self.tick_s
+                woke = now
+                if stalled >= self.renew_after_s and len(self.table):
+                    # Only a handler holding the GIL (or a stopped process) keeps this thread from waking.
+                    log.warning("the lease keeper could not run for %.1fs (a handler holding the GIL?); under the "
+                                "supervisor, its lease guard renews meanwhile, otherwise leases may have been lost",
+                                stalled)
                 for lease in self.table.snapshot():
                     if lease.state is LeaseState.DONE or now - lease.renewed_at < self.renew_after_s:
                         continue

@@ -32,6 +32,7 @@ ENVELOPE_MARKER = "#spot-supervisor/2"
 LEGACY_ENVELOPE_PREFIX = '{"spot-supervisor":1,'  # what versions before 2 wrote: see Codec.open
 MAX_STATE_DEPTH = 64  # nesting levels a checkpoint may have
 MAX_RELEASES = 10**9
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
 
 
 class Interrupted(Exception):
@@ -120,7 +121,7 @@ class Codec:
         """Queue text for an envelope; a plain one is the original text, byte for byte."""
         if envelope.is_plain:
             return envelope.original
-        header = json.dumps({"releases": envelope.releases, "state": envelope.state}, separators=(",", ":"))
+        header = _HEADER_ENCODER.encode({"releases": envelope.releases, "state": envelope.state})
         # ASCII header (no character the service may refuse); the payload was accepted once, so it is again.
         return self.encode_text(f"{ENVELOPE_MARKER} {message_id} {header}\n{self.decode_text(envelope.original)}")
 
