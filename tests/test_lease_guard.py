@@ -17,8 +17,9 @@ from handlers import RECORD_ENV, read_records
 from test_supervisor import Supervisor, start  # noqa: F401  (fixture)
 from waiting import wait_until
 
+from worker.lease import Lease
 from worker.lease_slots import LeaseSlots
-from worker.message import Codec
+from worker.message import Codec, Envelope
 
 
 def record_env(azurite: Azurite, queue_name: str, record: Path, **spot: str) -> dict[str, str]:
@@ -100,6 +101,16 @@ def test_lease_slots_lock_out_the_other_process_and_keep_the_newest_receipt(tmp_
     with slots.locked(index):
         slots.free(index)
     assert slots.read(index) is None and slots.held_indices() == []
+    slots.close()
+
+
+def test_an_undecodable_message_still_gets_a_slot_on_its_way_to_poison() -> None:
+    slots = LeaseSlots(2)
+    lease = Lease(None, Codec("base64"), "id-1", "receipt", Envelope("not base64!"), 30, slots)  # type: ignore[arg-type]
+    assert lease.slot is not None
+    with slots.locked(lease.slot):
+        held = slots.read(lease.slot)
+    assert held is not None and held.release_text is None  # given back, if ever, without rewriting it
     slots.close()
 
 

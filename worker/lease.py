@@ -20,7 +20,7 @@ from typing import Any
 from azure.storage.queue import QueueClient
 
 from worker.lease_slots import LeaseSlots
-from worker.message import MAX_MESSAGE_BYTES, Codec, Envelope, text_size
+from worker.message import MAX_MESSAGE_BYTES, Codec, Envelope, UndecodableMessage, text_size
 from worker.queue_client import describe, is_lease_lost
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,12 @@ class Lease:
         self.slot = slots.claim(message_id, pop_receipt, visibility_timeout_s, self._release_text()) if slots else None
 
     def _release_text(self) -> str | None:
-        """The queue text that records one more release, if it fits."""
-        text = self.codec.seal(replace(self.envelope, releases=self.envelope.releases + 1), self.id)
+        """The queue text that records one more release, if it fits (None for text that is not ours to
+        re-encode: an undecodable message on its way to poison)."""
+        try:
+            text = self.codec.seal(replace(self.envelope, releases=self.envelope.releases + 1), self.id)
+        except UndecodableMessage:
+            return None
         return text if text_size(text) <= MAX_MESSAGE_BYTES else None
 
     @contextmanager
