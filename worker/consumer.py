@@ -177,8 +177,16 @@ class Consumer:
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
         """Lease and Message for a received message, or None when it went straight to poison.
 
-        Whatever goes wrong opening one message affects that message only: it is poisoned with the reason.
+        Whatever goes wrong opening one message affects that message only: it is poisoned with the reason
+        (or, if even that fails, left to reappear after its lease).
         """
+        try:
+            return self._open(qm)
+        except Exception:
+            log.exception("could not open or poison message %s; it reappears after its lease", qm.id)
+            return None
+
+    def _open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
         text = qm.content or ""
         try:
             envelope, body = self.shared.codec.open(text, qm.id)
