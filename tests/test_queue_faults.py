@@ -142,22 +142,25 @@ def test_a_checkpoint_that_keeps_failing_lets_the_handler_go_on(monkeypatch: pyt
 
 def test_every_message_is_accounted_for_through_queue_faults(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
-    bodies = [json.dumps({"sleep": 0.2, "n": i}) for i in range(80)]
-    for body in bodies:
-        queue.send_message(body)
     record = tmp_path / "attempts.jsonl"
     modes = ("reset", "stall", "garbage", "http503")
+    bodies: list[str] = []
     with FaultProxy(azurite.port, stall_s=2.0, seed=16) as proxy:
         env = child_env(azurite, queue_name=queue_name, workload_handler="handlers:record", scaling_workers="2",
                         queue_visibility_timeout_s="5", queue_idle_poll_max_s="0.5", queue_batch_size="4",
                         queue_connection_string=connection_string(proxy.port), shutdown_drain_timeout_s="5")
         env[RECORD_ENV] = str(record)
-        proxy.set_fault(modes[0], 0.3)
         sup = start(env)
         phase = 0
-        until = time.monotonic() + 40
-        while time.monotonic() < until and not (set(proxy.stats.faults) >= set(modes) and phase >= 8):
-            proxy.set_fault(modes[phase % len(modes)], 0.5)  # half the requests, each mode in turn
+        until = time.monotonic() + 60
+        # Each mode in turn for a second, on half the requests, with work arriving all along (so receives,
+        # renewals, checkpoints, deletes and releases all meet faults), until every mode hit at least twice.
+        while time.monotonic() < until and not (phase >= 8 and all(proxy.stats.faults[m] >= 2 for m in modes)):
+            proxy.set_fault(modes[phase % len(modes)], 0.5)
+            for _ in range(8):
+                body = json.dumps({"sleep": 0.05, "checkpoint": {"phase": phase}, "n": len(bodies)})
+                queue.send_message(body)  # straight to Azurite: the producer is not under test
+                bodies.append(body)
             time.sleep(1.0)
             phase += 1
         proxy.set_fault("pass")
@@ -165,12 +168,12 @@ def test_every_message_is_accounted_for_through_queue_faults(azurite: Azurite, q
         def accounted() -> bool:
             done = {e["body"] for e in read_records(record, "start")
                     if e["id"] in {s["id"] for s in succeeded(record)}}
-            poisoned = {m.content for m in azurite.queue(f"{queue_name}-poison").peek_messages(max_messages=32)} \
-                if _exists(azurite.queue(f"{queue_name}-poison")) else set()
+            poison = azurite.queue(f"{queue_name}-poison")
+            poisoned = {m.content for m in poison.peek_messages(max_messages=32)} if _exists(poison) else set()
             return done | poisoned == set(bodies) and queue.get_queue_properties().approximate_message_count == 0
 
-        wait_until(accounted, 90, what=lambda: f"every message done or poisoned; log:\n{sup.log()[-2000:]}")
-        assert set(proxy.stats.faults) == set(modes), proxy.stats
+        wait_until(accounted, 120, what=lambda: f"every message done or poisoned; log:\n{sup.log()[-2000:]}")
+        assert all(proxy.stats.faults[m] >= 1 for m in modes), proxy.stats
         starts = read_records(record, "start")
         print(f"\n{len(bodies)} messages, {len(starts)} attempts, {len(succeeded(record))} succeeded; proxy: "
               f"{proxy.stats.requests} requests, faults {dict(proxy.stats.faults)}")
