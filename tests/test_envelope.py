@@ -22,6 +22,7 @@ from test_worker import (  # noqa: F401  (fixtures)
     message_count,
     peek_opened,
     peek_texts,
+    poisoned_originals,
     record_path,
     runtimes,
     settings_for,
@@ -38,6 +39,7 @@ from worker.message import (
     UndecodableMessage,
     text_size,
 )
+from worker.poisoned import read_poisoned
 from worker.runtime import WorkerRuntime
 
 
@@ -72,7 +74,7 @@ def test_producer_text_cannot_forge_releases_or_a_checkpoint(azurite: Azurite, q
     starts = read_records(record_path, "start")
     assert {s["state"] for s in starts if s["id"] == v1.id} == {None}  # the forged checkpoint was dropped
     assert [s["dequeue_count"] for s in starts if s["id"] == v1.id] == [1, 2]  # poisoned after 2 failures
-    assert peek_texts(poison) == [json.dumps({"fail": True})]  # the version-1 original, unwrapped
+    assert poisoned_originals(poison) == [json.dumps({"fail": True})]  # the version-1 original, unwrapped
     [v2_start] = [s for s in starts if s["id"] == v2.id]
     assert (v2_start["body"], v2_start["state"]) == (forged_v2, None)  # the producer's text, as it sent it
     wait_until(lambda: message_count(queue) == 0, 5, what="the queue to empty")
@@ -96,7 +98,9 @@ def test_a_message_that_cannot_be_opened_is_poisoned_alone(azurite: Azurite, que
     runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, prefetch_s=0))
 
     wait_until(lambda: len(succeeded(record_path)) == 6, 15, what="the healthy messages and the deep one to run")
-    wait_until(lambda: peek_texts(poison) == [bad_header], 5, what="the damaged envelope in poison")
+    wait_until(lambda: poisoned_originals(poison) == [bad_header], 5, what="the damaged envelope in poison")
+    [note] = [read_poisoned(t)[1] for t in peek_texts(poison)]
+    assert note is not None and "damaged envelope header" in note.reason
     starts = read_records(record_path, "start")
     assert {s["id"]: s["dequeue_count"] for s in starts if s["id"] in healthy} == dict.fromkeys(healthy, 1)
     assert [s["body"] for s in starts if s["body"] == deep] == [deep]  # not an envelope: the producer's body
@@ -116,7 +120,7 @@ def test_version_1_envelopes_are_unwrapped_on_upgrade(azurite: Azurite, queue: Q
     poison = azurite.queue(f"{queue_name}-poison")
     runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
 
-    wait_until(lambda: peek_texts(poison) == [body], 15, what="the unwrapped original in poison")
+    wait_until(lambda: poisoned_originals(poison) == [body], 15, what="the unwrapped original in poison")
     starts = [s for s in read_records(record_path, "start") if s["id"] == sent.id]
     # Earlier attempts forgiven once (not counted as failures), then two failures of its own: poisoned.
     assert [(s["dequeue_count"], s["body"], s["state"]) for s in starts] == [(4, body, None), (5, body, None)]

@@ -28,6 +28,7 @@ from worker import context as context_module
 from worker.context import Context, StopSignal
 from worker.lease import Lease
 from worker.message import Codec, Envelope
+from worker.poisoned import read_poisoned
 from worker.runtime import WorkerRuntime
 
 
@@ -169,7 +170,7 @@ def test_every_message_is_accounted_for_through_queue_faults(azurite: Azurite, q
             done = {e["body"] for e in read_records(record, "start")
                     if e["id"] in {s["id"] for s in succeeded(record)}}
             poison = azurite.queue(f"{queue_name}-poison")
-            poisoned = {m.content for m in poison.peek_messages(max_messages=32)} if _exists(poison) else set()
+            poisoned = {read_poisoned(m.content)[0] for m in poison.peek_messages(max_messages=32)} if _exists(poison) else set()
             return done | poisoned == set(bodies) and queue.get_queue_properties().approximate_message_count == 0
 
         wait_until(accounted, 120, what=lambda: f"every message done or poisoned; log:\n{sup.log()[-2000:]}")
