@@ -137,10 +137,11 @@ def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
 
 def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # a partial last character: dropped below
     except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = text.split("\n")[:-1]  # a last line without its newline is still being written: not yet
+    records = [json.loads(line) for line in lines if line.strip()]
     return [r for r in records if event is None or r["event"] == event]
 
 
