@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from supervisor import sdnotify
+from supervisor import sdnotify, strays
 from supervisor.child import run_child
 from supervisor.eviction import Decision, Drain, Resume
 from supervisor.sizing import Plan
@@ -129,6 +129,7 @@ class Arbiter:
 
     def run(self) -> int:
         self.install_signals()
+        strays.become_subreaper()
         log.info("supervisor %d starting %d %s worker(s) x %d thread(s) for queue %s",
                  os.getpid(), self.target, self.plan.mode, self.plan.threads, self.settings.queue.name)
         self.manage_workers()
@@ -138,6 +139,7 @@ class Arbiter:
             self.handle_decisions()
             self.read_channels()
             self.reap_workers()
+            strays.sweep(self.workers)
             if self.exit_code is not None:
                 break
             self.manage_workers()
@@ -508,6 +510,11 @@ class Arbiter:
     def finish(self) -> None:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
+        deadline = time.time() + 1.0
+        while self.workers and time.time() < deadline:  # their strays reach us only once they are gone
+            time.sleep(0.02)
+            self.reap_workers()
+        strays.sweep(self.workers)
         log.info("supervisor exiting (%d): %s", self.exit_code, self.status_line())
 
 

@@ -10,7 +10,7 @@ import sys
 from azure.core.exceptions import AzureError
 
 from supervisor import imds_simulator
-from worker.handler import HandlerImportError
+from worker.handler import HandlerImportError, describe_workload
 from worker.logs import setup_logging
 from worker.process import EX_CONFIG
 from worker.queue_client import describe
@@ -81,9 +81,12 @@ def print_plan(settings: Settings, as_json: bool) -> int:
 
     facts = read_vm_facts(settings)
     plan = make_plan(settings, facts)
-    if as_json:
-        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None}))
+    workload = settings.workload
+    if as_json:  # exactly one of handler and command is set: the one that runs
+        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None,
+                          "handler": None if workload.command else workload.handler, "command": workload.command or None}))
     else:
+        print(f"runs:     {describe_workload(workload)}")
         print(format_plan(plan))
     return 0
 

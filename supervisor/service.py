@@ -13,6 +13,8 @@ from supervisor.eviction import Decision, EvictionPolicy
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info
 from supervisor.scheduled_events import AzureScheduledEvents, Backoff, EventWatcher
 from supervisor.sizing import Plan, compute_plan, read_resources
+from worker.handler import describe_workload
+from worker.program import resolve_command
 from worker.settings import Settings, load_settings
 from worker.telemetry import setup_telemetry
 
@@ -89,6 +91,8 @@ class EventsThread(threading.Thread):
 
 def run_service(config_path: str | None) -> int:
     settings = load_settings(config_path)
+    if settings.workload.command:
+        resolve_command(settings.workload.command)  # a missing program: exit 78 now, not a retry storm per message
     facts = read_vm_facts(settings)
     if facts.instance is not None:
         i = facts.instance
@@ -97,6 +101,7 @@ def run_service(config_path: str | None) -> int:
     plan = make_plan(settings, facts)
     for reason in plan.reasons:
         log.info("plan: %s", reason)
+    log.info("workload: %s", describe_workload(settings.workload))
     if settings.startup.wait_for_provisioning:
         from supervisor.provisioning import ProvisioningTimeout
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
+import signal
 import sys
 import typing
 from collections.abc import Mapping
@@ -62,6 +64,9 @@ class QueueSettings:
 class WorkloadSettings:
     handler: str = "worker.sample:handle"
     mode: str = "scale-out"
+    command: str = ""
+    stop_signal: str = "SIGTERM"
+    timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,10 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     _require(_valid_handler_ref(w.handler), "workload.handler",
              f"must look like 'package.module:function', got {w.handler!r}")
     _require(w.mode in ("scale-out", "scale-up"), "workload.mode", f"must be one of: scale-out, scale-up; got {w.mode!r}")
+    _validate_command(w.command)
+    _require(w.stop_signal in _STOP_SIGNALS, "workload.stop_signal",
+             f"must be a signal name such as SIGTERM, SIGINT, SIGUSR1; got {w.stop_signal!r}")
+    _require(w.timeout_s >= 0, "workload.timeout_s", f"must be 0 (no limit) or more, got {w.timeout_s}")
 
     _validate_scaling("scaling", dataclasses.asdict(s.scaling))
     for vm_size, overrides in s.scaling.sku.items():
@@ -291,6 +300,21 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
              f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
     _require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
              f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
+
+
+_STOP_SIGNALS = frozenset(s.name for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")
+                          and s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _validate_command(command: str) -> None:
+    """Syntax only; whether the program exists is checked when the service starts (worker.program)."""
+    if not command:
+        return
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError("workload.command", f"cannot be split with shell rules ({exc}): {command!r}") from None
+    _require(bool(argv), "workload.command", "is blank: leave it empty (\"\") to use workload.handler")
 
 
 _QUEUE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # ASCII only: str.islower() accepts "ö"
