@@ -27,12 +27,8 @@ def kill_process_tree(root: int, group: int | None = None) -> list[int]:
     except psutil.Error:
         descendants = []
     killed: list[int] = []
-    if group is not None and group > 1 and group != own_group:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except OSError as exc:
-            if exc.errno not in (errno.ESRCH, errno.EPERM):
-                raise
+    if group is not None and group != own_group:
+        kill_group(group)
     if _kill(root):
         killed.append(root)
     for process in descendants:
@@ -42,6 +38,17 @@ def kill_process_tree(root: int, group: int | None = None) -> list[int]:
         except psutil.Error:
             pass
     return killed
+
+
+def kill_group(group: int) -> None:
+    """SIGKILL a process group other than our own; a group already gone is fine."""
+    if group <= 1 or group == os.getpgrp():
+        return
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise
 
 
 def _kill(pid: int) -> bool:

@@ -7,12 +7,14 @@ environment. Exit 0 = done, 75 = released, anything else = failed. A drain sends
 started are killed and the message is released with its last checkpoint.
 
 Each run is its own session (so its process group can be killed without
-touching the worker), in a private directory removed when the run ends.
+touching the worker); its files live in the worker's private directory and are
+removed when the run ends.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import selectors
@@ -28,7 +30,7 @@ from pathlib import Path
 from worker.context import Context
 from worker.handler import HandlerImportError
 from worker.message import Interrupted, Message
-from worker.process_tree import kill_process_tree
+from worker.process_tree import kill_group, kill_process_tree
 from worker.program_io import CheckpointFile, OutputLines, write_deadline_file
 from worker.settings import ConfigError, WorkloadSettings
 
@@ -67,13 +69,13 @@ class ProgramRun:
     """One program run for one message. Its lock serialises checkpoint stores and kills
     between the handler thread and a deadline (WorkerRuntime.abandon on the main thread)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], ctx: Context, checkpoint: CheckpointFile, run_dir: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], ctx: Context, checkpoint: CheckpointFile, deadline_file: Path) -> None:
         self.proc = proc
         self.ctx = ctx
         self.checkpoint = checkpoint
-        self.run_dir = run_dir
+        self.deadline_file = deadline_file
         self.lock = threading.Lock()
-        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" or "timeout" (killed)
+        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" (stop_all) or "timeout" (killed)
         self.killed = False
         self.exited = False
 
@@ -101,7 +103,7 @@ class ProgramRun:
         kill whatever of its group is left, so nothing of this run outlives it."""
         with self.lock:
             self.exited = True
-            kill_process_tree(self.proc.pid, self.proc.pid)
+            kill_group(self.proc.pid)  # its children left in the group (any that left it are the supervisor's to sweep)
 
 
 class ProgramHandler:
@@ -115,6 +117,9 @@ class ProgramHandler:
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
         self.runs: set[ProgramRun] = set()
         self._runs_lock = threading.Lock()
+        # One private directory (0700) per worker process; each run's files are numbered in it.
+        self.files_dir = Path(tempfile.mkdtemp(prefix=f"spot-{os.getpid()}-"))
+        self._run_numbers = itertools.count(1)
 
     @classmethod
     def from_settings(cls, workload: WorkloadSettings) -> ProgramHandler:
@@ -131,21 +136,22 @@ class ProgramHandler:
     def __call__(self, message: Message, ctx: Context) -> None:
         if ctx.draining:  # a drain began after this message was taken: give it back untouched
             raise Interrupted()
-        run_dir = Path(tempfile.mkdtemp(prefix=f"spot-{os.getpid()}-"))
+        number = next(self._run_numbers)
+        files = [self.files_dir / f"{number}.checkpoint.json", self.files_dir / f"{number}.deadline"]
         try:
-            checkpoint = CheckpointFile(run_dir / "checkpoint.json", ctx)
+            checkpoint = CheckpointFile(files[0], ctx)
             env = {**self.base_env,
                    "SPOT_MESSAGE_ID": message.id,
                    "SPOT_DEQUEUE_COUNT": str(message.dequeue_count),
                    "SPOT_INSERTED_ON": message.inserted_on.isoformat() if message.inserted_on else "",
                    "SPOT_CHECKPOINT_FILE": str(checkpoint.path),
-                   "SPOT_DEADLINE_FILE": str(run_dir / "deadline")}
+                   "SPOT_DEADLINE_FILE": str(files[1])}
             try:
                 proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         env=env, start_new_session=True)
             except OSError as exc:  # e.g. the file vanished since start: a failed attempt, not a dead worker
                 raise ProgramFailed(f"cannot start {self.argv[0]}: {exc.strerror}") from None
-            run = ProgramRun(proc, ctx, checkpoint, run_dir)
+            run = ProgramRun(proc, ctx, checkpoint, files[1])
             with self._runs_lock:
                 self.runs.add(run)
             try:
@@ -155,7 +161,11 @@ class ProgramHandler:
                     self.runs.discard(run)
             self._judge(run, returncode, message)
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove(files)
+
+    def close(self) -> None:
+        """When the worker exits: its runs' directory goes too."""
+        shutil.rmtree(self.files_dir, ignore_errors=True)
 
     def stop_all(self) -> None:
         """At the drain deadline, before the worker releases what it holds: kill every running
@@ -165,12 +175,12 @@ class ProgramHandler:
         for run in runs:
             run.kill("deadline")
             run.sync_checkpoint()
-            shutil.rmtree(run.run_dir, ignore_errors=True)  # the process may exit before the run's thread does
         if runs:
             log.warning("deadline: killed %d running program(s)", len(runs))
 
     def _supervise(self, run: ProgramRun, message: Message) -> int:
-        """Feed stdin, log output, store checkpoints, act on drain/deadline/timeout; returns the exit status."""
+        """Feed stdin, log output, store checkpoints, act on a drain and the timeout; returns the exit status.
+        The drain deadline is the worker's to act on (stop_all), before it releases what it holds."""
         proc = run.proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         started = time.monotonic()
@@ -206,14 +216,12 @@ class ProgramHandler:
                 now = time.monotonic()
                 drain_deadline = _epoch(run.ctx)
                 if drain_deadline is not None and drain_deadline != deadline_written:
-                    write_deadline_file(run.run_dir / "deadline", drain_deadline)
+                    write_deadline_file(run.deadline_file, drain_deadline)
                     if deadline_written is None:
                         run.stopped_by = run.stopped_by or "drain"
                         log.info("message %s: drain, sending %s to the program", message.id, signal.Signals(self.stop_signal).name)
                         run.signal(self.stop_signal)
                     deadline_written = drain_deadline
-                if drain_deadline is not None and time.time() >= drain_deadline:
-                    run.kill("deadline")
                 if self.timeout_s and now - started >= self.timeout_s:
                     run.kill("timeout")
                 if now >= next_checkpoint:
@@ -265,6 +273,17 @@ class ProgramHandler:
                      "killed at the drain deadline" if stopped_by == "deadline" else f"ended ({_describe(returncode)})")
             raise Interrupted()
         raise ProgramFailed(_describe(returncode))
+
+
+def _remove(files: list[Path]) -> None:
+    for path in files:
+        for leftover in (path, path.with_name(path.name + ".tmp"), path.with_name(f".{path.name}.tmp")):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", leftover, exc.strerror)
 
 
 def _epoch(ctx: Context) -> float | None:

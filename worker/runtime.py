@@ -95,6 +95,8 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self._keeper_stop.set()
+        if isinstance(self.shared.handler, ProgramHandler):
+            self.shared.handler.close()
 
     def stats(self) -> dict[str, Any]:
         counts = self.shared.counters.snapshot()
