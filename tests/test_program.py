@@ -126,6 +126,24 @@ def test_timeout_kills_a_run_and_counts_as_a_failure(azurite: Azurite, queue: Qu
     assert sup.wait(10) == 0
 
 
+def test_checkpoint_file_is_stored_like_ctx_checkpoint(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                      tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    ids = {body: queue.send_message(body).id for body in ('{"a": [1, "two"]}', "{not json", "large")}
+    env = program_env(azurite, queue_name, str(PROGRAMS / "checkpointer.sh"))
+    env["PROG_OUT"] = str(out)
+    sup = start(env)
+    wait_until(lambda: message_count(queue) == 0, 30, lambda: f"every message to be done; log:\n{sup.log()[-3000:]}")
+    given = {body: (out / mid).read_text().strip() for body, mid in ids.items()}
+    assert given == {'{"a": [1, "two"]}': '{"a": [1, "two"]}', "{not json": "none", "large": "none"}
+    log = sup.log()
+    assert f"message {ids['{not json']}: checkpoint file is not valid JSON" in log
+    assert f"checkpoint would make message {ids['large']}" in log and "nothing was stored" in log
+    sup.send(signal.SIGTERM)
+    assert sup.wait(10) == 0
+
+
 # --- drain: stop signal, checkpoint, release, resume elsewhere ------------------------------------
 
 
