@@ -6,7 +6,8 @@ Python no-op handler, both under `spot-supervisor run` with the same worker coun
 Each run gets a fresh Azurite and a full queue, then the supervisor; the rate is
 measured from the queue itself (approximate message count, polled every 20 ms):
 from the first message deleted to the last, so start-up is not counted. Prints
-msgs/s per run and the median; writes bench/results/program_overhead.json.
+msgs/s per run and the median, and the cost of one run of `true` measured in-process
+without the queue; writes bench/results/program_overhead.json.
 """
 
 from __future__ import annotations
@@ -31,6 +32,31 @@ SETUPS = {"program true": {"SPOT_WORKLOAD_COMMAND": "true"},
 
 def noop(message: Any, ctx: Any) -> None:
     """The Python handler measured against `true`: does nothing at all."""
+
+
+class _IdleContext:
+    """What ProgramHandler reads of a Context, for a run that checkpoints nothing and is never drained."""
+
+    state = None
+    draining = False
+    deadline = None
+    message_id = "local"
+
+
+def local_cost_ms(runs: int) -> float:
+    """Milliseconds per ProgramHandler run of `true` in this process: the program's share alone, no queue."""
+    from worker.message import Message
+    from worker.program import ProgramHandler
+
+    handler = ProgramHandler(["true"], signal.SIGTERM, 0.0)
+    message = Message("local", "body", 1, None)
+    try:
+        started = time.perf_counter()
+        for _ in range(runs):
+            handler(message, _IdleContext())  # type: ignore[arg-type]
+        return 1000 * (time.perf_counter() - started) / runs
+    finally:
+        handler.close()
 
 
 def measure(name: str, workdir: Path, n: int, workers: int) -> float:
@@ -85,9 +111,11 @@ def main() -> int:
     results["median_msgs_per_s"] = medians
     per_message_ms = 1000 * args.workers * (1 / medians["program true"] - 1 / medians["python no-op"])
     results["program_cost_ms_per_message_per_worker"] = per_message_ms
+    results["local_ms_per_run_of_true"] = local = local_cost_ms(200)
     for name, rate in medians.items():
         print(f"median {name:14s} {rate:8.1f} msgs/s ({args.workers} workers, {args.messages} messages)")
     print(f"a program run costs about {per_message_ms:.1f} ms of a worker's time per message over a Python call")
+    print(f"in-process, without the queue: {local:.1f} ms per run of `true` (start, stdin, output pipes, exit)")
     save("program_overhead", results, args.out)
     return 0
 

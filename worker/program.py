@@ -85,13 +85,16 @@ class ProgramRun:
                 _send(self.proc.pid, signum)
 
     def kill(self, reason: str) -> None:
-        """The program, its process group and its descendants; the first reason given is kept."""
+        """The program, its process group and its descendants. A program that already exited
+        keeps its own outcome; the first reason given is kept."""
         with self.lock:
-            if self.stopped_by in (None, "drain"):
-                self.stopped_by = reason
             if self.exited or self.killed:
                 return
             self.killed = True
+            if _has_exited(self.proc.pid):  # done on its own, not yet seen by its thread: its exit status counts
+                kill_group(self.proc.pid)
+                return
+            self.stopped_by = reason
             kill_process_tree(self.proc.pid, self.proc.pid)
 
     def sync_checkpoint(self) -> None:
@@ -129,9 +132,6 @@ class ProgramHandler:
         except ConfigError as exc:
             raise HandlerImportError(str(exc)) from None
         return cls(argv, signal.Signals[workload.stop_signal], workload.timeout_s)
-
-    def describe(self) -> str:
-        return shlex.join(self.argv)
 
     def __call__(self, message: Message, ctx: Context) -> None:
         if ctx.draining:  # a drain began after this message was taken: give it back untouched
