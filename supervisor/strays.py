@@ -6,6 +6,9 @@ descendants to the nearest subreaper: this process, instead of PID 1. Every
 child of ours that is not a worker is such a stray; left alive it would keep
 working on a message that another worker will receive again. The main loop
 calls sweep() on every turn; reap_workers() reaps what it killed.
+
+The rule holds because the supervisor itself starts no process but its workers
+(or only synchronously, on the main loop's thread, between two sweeps).
 """
 
 from __future__ import annotations

@@ -116,8 +116,6 @@ class ProgramHandler:
         self.argv = argv
         self.stop_signal = stop_signal
         self.timeout_s = timeout_s
-        # Our own configuration (a connection string among it) is not the program's business.
-        self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
         self.runs: set[ProgramRun] = set()
         self._runs_lock = threading.Lock()
         # One private directory (0700) per worker process; each run's files are numbered in it.
@@ -140,7 +138,9 @@ class ProgramHandler:
         files = [self.files_dir / f"{number}.checkpoint.json", self.files_dir / f"{number}.deadline"]
         try:
             checkpoint = CheckpointFile(files[0], ctx)
-            env = {**self.base_env,
+            # The worker's environment as it is now (GPU pinning included), without our own configuration:
+            # a connection string among it is not the program's business.
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPOT_")},
                    "SPOT_MESSAGE_ID": message.id,
                    "SPOT_DEQUEUE_COUNT": str(message.dequeue_count),
                    "SPOT_INSERTED_ON": message.inserted_on.isoformat() if message.inserted_on else "",
