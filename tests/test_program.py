@@ -178,6 +178,21 @@ def test_drain_stops_the_program_which_checkpoints_and_another_supervisor_resume
     assert second.wait(10) == 0
 
 
+def test_the_stop_signal_is_configurable(azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
+                                         start: Callable[..., Supervisor]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    message_id = queue.send_message("x").id
+    env = program_env(azurite, queue_name, str(PROGRAMS / "usr1.sh"), workload_stop_signal="SIGUSR1")
+    env["PROG_OUT"] = str(out)
+    sup = start(env)
+    wait_until(lambda: (out / f"{message_id}.started").exists(), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
+    sup.send(signal.SIGTERM)
+    assert sup.wait(10) == 0
+    assert (out / message_id).read_text() == "stopped\n"
+    assert "drain, sending SIGUSR1 to the program" in sup.log()
+
+
 def test_a_program_ignoring_the_stop_signal_dies_with_its_children_at_the_deadline(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
     pids_file = tmp_path / "pids"
@@ -230,6 +245,21 @@ def test_sigkill_of_a_worker_kills_its_program_and_the_programs_children(
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 5, "the supervisor to reap them (no zombies)")
     sup.send(signal.SIGQUIT)
     assert sup.wait(10) == 0
+
+
+def test_sigkill_of_the_supervisor_kills_the_programs_too(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                         tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    pids_file = tmp_path / "pids"
+    message_id = queue.send_message("x").id
+    env = program_env(azurite, queue_name, str(PROGRAMS / "stubborn.sh"))
+    env["PROG_PIDS"] = str(pids_file)
+    sup = start(env)
+    pids = wait_until(lambda: read_pids(pids_file), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
+    worker = psutil.Process(pids[0]).ppid()
+    sup.send(signal.SIGKILL)  # the worker learns it from the kernel (parent-death signal) and abandons at once
+    wait_until(lambda: all(gone(pid) for pid in [worker, *pids]), 10,
+               lambda: f"worker {worker}, program {pids[0]} and its children {pids[1:]} to be gone; log:\n{sup.log()[-3000:]}")
+    assert visible_ids(queue) == {message_id}, "the message was not released"
 
 
 def test_sigkill_of_a_worker_kills_what_a_python_handler_started(
