@@ -118,6 +118,7 @@ class ProgramHandler:
         self.timeout_s = timeout_s
         self.runs: set[ProgramRun] = set()
         self._runs_lock = threading.Lock()
+        self.stopped = False  # stop_all ran: this process is about to exit
         # One private directory (0700) per worker process; each run's files are numbered in it.
         self.files_dir = Path(tempfile.mkdtemp(prefix=f"spot-{os.getpid()}-"))
         self._run_numbers = itertools.count(1)
@@ -154,6 +155,8 @@ class ProgramHandler:
             run = ProgramRun(proc, ctx, checkpoint, files[1])
             with self._runs_lock:
                 self.runs.add(run)
+                if self.stopped:  # started while stop_all ran: it must not outlive the worker either
+                    run.kill("deadline")
             try:
                 returncode = self._supervise(run, message)
             finally:
@@ -171,6 +174,7 @@ class ProgramHandler:
         """At the drain deadline, before the worker releases what it holds: kill every running
         program and store its last checkpoint, so the release carries it."""
         with self._runs_lock:
+            self.stopped = True
             runs = list(self.runs)
         for run in runs:
             run.kill("deadline")
