@@ -9,7 +9,7 @@
 # file, then a rename), so a later attempt, on any VM, resumes from there.
 # A drain sends SIGTERM: the program stops at once, keeps the frames it has,
 # and exits 75 ("not done, not failed": the message goes back on the queue).
-# Set RENDER_LOG to a file to append "<message id> <frame>" per frame.
+# Set RENDER_LOG to a file to append "<message id> <frame> <pid>" per frame.
 set -eu
 
 frames=$(cat)
@@ -38,7 +38,7 @@ while [ "$next" -lt "$frames" ]; do
     kill "$!" 2>/dev/null || true
     continue
   fi
-  if [ -n "${RENDER_LOG:-}" ]; then echo "$SPOT_MESSAGE_ID $next" >> "$RENDER_LOG"; fi
+  if [ -n "${RENDER_LOG:-}" ]; then echo "$SPOT_MESSAGE_ID $next $$" >> "$RENDER_LOG"; fi
   next=$((next + 1))
   printf '{"next_frame": %d}\n' "$next" > "$SPOT_CHECKPOINT_FILE.tmp"
   mv "$SPOT_CHECKPOINT_FILE.tmp" "$SPOT_CHECKPOINT_FILE"
