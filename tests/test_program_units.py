@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TESTS
 
 from worker.program import resolve_command
 from worker.program_io import CUT_MARK, OutputLines
@@ -92,3 +95,12 @@ def test_output_long_lines_are_cut_once_and_the_rest_dropped() -> None:
 
 def test_output_is_decoded_leniently() -> None:
     assert output([b"caf\xc3\xa9 \xff\n"], 64) == ["café \ufffd"]
+
+
+@pytest.mark.parametrize("script", sorted([*(REPO / "examples").glob("*.sh"), *(TESTS / "programs").glob("*.sh")]),
+                         ids=lambda p: p.name)
+def test_program_scripts_are_posix_sh_and_shellcheck_clean(script: Path) -> None:
+    assert script.read_text().startswith("#!/bin/sh\n") and os.access(script, os.X_OK)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (scripts/ci-deps.sh installs it)")
+    subprocess.run(["shellcheck", "--shell=sh", str(script)], check=True)

@@ -4,6 +4,7 @@
 trap '' TERM
 sleep 1000 &
 child=$!
+# shellcheck disable=SC2016  # $$ is the escaped shell's own pid, expanded there
 setsid sh -c 'echo $$ > "$PROG_PIDS.escaped"; exec sleep 1001' &
 while [ ! -s "$PROG_PIDS.escaped" ]; do sleep 0.05; done
 printf '{"step": 1}' > "$SPOT_CHECKPOINT_FILE.tmp" && mv "$SPOT_CHECKPOINT_FILE.tmp" "$SPOT_CHECKPOINT_FILE"
