@@ -1,4 +1,4 @@
-"""The `spot-supervisor` command: run, plan, simulate, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, enqueue, poison."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from supervisor import imds_simulator
+from supervisor import imds_simulator, poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError, describe_workload
 from worker.logs import setup_logging
@@ -39,11 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--file", help="one message per non-empty line ('-' for standard input)")
     enqueue.add_argument("--chunks", type=int, default=5, help="sample handler: chunks per message (default 5)")
     enqueue.add_argument("--chunk-ms", type=float, default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+
+    poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
+    poison_cli.add_arguments(poison)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "poison":
+        poison_cli.check_arguments(parser, args)
     if args.command == "simulate":
         setup_logging("INFO", "imds-simulator")
         return imds_simulator.run(args)
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
+        if args.command == "poison":
+            return poison_cli.run(args, settings.queue)
         return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         print(exc, file=sys.stderr)

@@ -20,6 +20,7 @@ __all__ = ["ConfigError", "SupervisorSettings", "load_supervisor_settings", "unk
 
 DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+MAX_WORKERS_PER_GPU = 64
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ScalingSettings:
     min_workers: int = 1
     max_workers: int = 64
     memory_per_worker_mb: int = 256
+    workers_per_gpu: int = 1
     respawn_delay_max_s: float = 30.0
     sku: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -109,3 +111,5 @@ def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
             f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
     require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
             f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
+    require(0 <= sc["workers_per_gpu"] <= MAX_WORKERS_PER_GPU, f"{prefix}.workers_per_gpu",
+            f"must be 0 (ignore GPUs) to {MAX_WORKERS_PER_GPU}, got {sc['workers_per_gpu']}")

@@ -98,13 +98,14 @@ class WorkerPool:
         inherited = [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
         inherited += [parent_end.fileno(), *self.own_fds()]
         supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
+        gpu = self.plan.gpu_for_slot(slot)  # by slot: a respawned worker gets its slot's GPU back
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes)
+            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, gpu)
         child_end.close()
         self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), time.time())
         self.respawn_at.pop(slot, None)
-        log.info("spawned worker %d (slot %d, %d thread(s))", pid, slot, self.plan.threads)
+        log.info("spawned worker %d (slot %d, %s%d thread(s))", pid, slot, f"{gpu.describe()}, " if gpu else "", self.plan.threads)
 
     def read_channels(self) -> None:
         for handle in list(self.workers.values()):

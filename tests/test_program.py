@@ -19,6 +19,8 @@ import psutil
 import pytest
 from azure.storage.queue import QueueClient
 from conftest import REPO, TESTS, Azurite, child_env
+from nvidia_smi_standin import install, uuids
+from test_gpu_supervisor import SPAWNED
 from test_supervisor import SUPERVISOR, Supervisor, message_count, visible_ids
 from waiting import wait_until
 
@@ -336,6 +338,26 @@ def test_scale_up_runs_one_program_per_thread(azurite: Azurite, queue: QueueClie
     assert len({parent for _, _, parent, _ in runs}) == 1, "scale-up ran programs from more than one worker process"
     spans = sorted((float(a), float(b)) for a, b, _, _ in runs)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two programs overlapped: {spans}"
+    sup.send(signal.SIGTERM)
+    assert sup.wait(10) == 0
+
+
+def test_gpu_pinning_applies_to_programs(azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
+                                         start: Callable[..., Supervisor]) -> None:
+    events = tmp_path / "events.txt"
+    install(tmp_path / "bin", gpus=2)
+    for i in range(6):
+        queue.send_message(str(i))
+    env = program_env(azurite, queue_name, str(PROGRAMS / "gpu_seen.sh"), scaling_workers="0",
+                      scaling_workers_per_gpu="1", scaling_memory_per_worker_mb="0")
+    env.update(PATH=str(tmp_path / "bin"), PROG_EVENTS=str(events))  # only the stand-in nvidia-smi
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    sup = start(env)
+    wait_until(lambda: message_count(queue) == 0, 30, lambda: f"every message to be done; log:\n{sup.log()[-3000:]}")
+    pinned = {int(m[1]): m[4] for m in SPAWNED.finditer(sup.log())}  # worker pid -> its GPU's UUID
+    assert sorted(pinned.values()) == sorted(uuids(2))
+    seen = [line.split() for line in events.read_text().splitlines()]
+    assert len(seen) == 6 and all(cuda == pinned[int(worker)] for cuda, worker in seen), (seen, pinned)
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
 
