@@ -25,6 +25,7 @@ from test_supervisor import SUPERVISOR, Supervisor, message_count, visible_ids
 from waiting import wait_until
 
 from worker.message import Codec
+from worker.poisoned import read_poisoned
 
 PROGRAMS = TESTS / "programs"
 EXAMPLE = REPO / "examples" / "render_frames.sh"
@@ -79,6 +80,11 @@ def stored_state(queue: QueueClient) -> list[object]:
     return [codec.open(m.content)[0].state for m in queue.peek_messages(max_messages=32)]
 
 
+def poisoned_bodies(poison: QueueClient) -> list[str]:
+    """The original bodies on the poison queue (peek: nothing is received)."""
+    return [read_poisoned(m.content)[0] for m in poison.peek_messages(max_messages=32)]
+
+
 # --- outcomes by exit status -------------------------------------------------------------------------
 
 
@@ -100,7 +106,9 @@ def test_exit_status_decides_done_released_failed_and_poison(azurite: Azurite, q
         return counts
 
     wait_until(lambda: message_count(queue) == 0, 40, lambda: f"the queue to be empty; runs {runs()}; log:\n{sup.log()[-3000:]}")
-    assert sorted(m.content for m in poison.peek_messages(max_messages=32)) == ["fail", "killed"]
+    assert sorted(poisoned_bodies(poison)) == ["fail", "killed"]
+    reasons = sorted(str(note.reason) for _, note in (read_poisoned(m.content) for m in poison.peek_messages(32)) if note)
+    assert reasons[0].endswith("last: ProgramFailed: exit code 3") and reasons[1].endswith("killed by signal SIGKILL")
     done = runs()
     assert done["ok"] == [1]
     # 75 three times, then 0: with max_dequeue_count 2, counted as failures it would have been poisoned.
@@ -122,7 +130,7 @@ def test_timeout_kills_a_run_and_counts_as_a_failure(azurite: Azurite, queue: Qu
     sup = start(env)
     poison = azurite.queue(f"{queue_name}-poison")
     poison.create_queue()
-    wait_until(lambda: [m.content for m in poison.peek_messages()] == ["slow"], 20, lambda: sup.log()[-3000:])
+    wait_until(lambda: poisoned_bodies(poison) == ["slow"], 20, lambda: sup.log()[-3000:])
     assert "ran longer than workload.timeout_s (1s): killed" in sup.log()
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
