@@ -18,6 +18,7 @@ from typing import Any
 from supervisor.child import run_child
 from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress
+from supervisor import strays
 from supervisor.lease_guard import LeaseGuard
 from supervisor.metrics import SupervisorMetrics
 from supervisor.sizing import Plan
@@ -154,7 +155,9 @@ class WorkerPool:
             for message in handle.channel.receive():  # its last words, e.g. the drained counts
                 self.on_worker_message(handle, message)
             handle.channel.close()
-            # What it still held (killed at the deadline, or crashed) goes back now; cut short by a drain, as a release.
+            # What it still held (killed at the deadline, or crashed) goes back now; cut short by a drain, as a
+            # release. What it started is killed first, so nothing still works on a message given back.
+            strays.sweep(self.workers)
             self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.drain_state is not None)
             self.worker_stopped_receiving(pid, None)
             self.settled.add(handle.stats)
