@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor import strays
 from supervisor.child import run_child
 from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress
-from supervisor import strays
 from supervisor.lease_guard import LeaseGuard
 from supervisor.metrics import SupervisorMetrics
 from supervisor.sizing import Plan
