@@ -16,6 +16,7 @@
     hold_gil_s      after `checkpoint`, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
                     as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
                     (default: every attempt)
+    burn_gil_s      after `checkpoint`, compute this long in one C call that never releases the GIL
 
 Every event of every attempt is one JSON line, appended with a single O_APPEND
 write to the file named by $TEST_HANDLER_RECORD (read once per attempt), so
@@ -74,6 +75,9 @@ def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..
     if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
         ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
         emit("held_gil", seconds=float(spec["hold_gil_s"]))
+    if "burn_gil_s" in spec:
+        _burn_holding_the_gil(float(spec["burn_gil_s"]))
+        emit("burned_gil", seconds=float(spec["burn_gil_s"]))
     if "big_checkpoint" in spec:
         try:
             ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})
@@ -184,3 +188,12 @@ class RequestLog:
             yield self
         finally:
             RequestsTransport.send = original  # type: ignore[method-assign]
+
+
+def _burn_holding_the_gil(seconds: float) -> None:
+    """Compute for about `seconds` in one C call (sum over a range never returns to the eval loop)."""
+    sample = 2_000_000
+    started = time.perf_counter()
+    sum(range(sample))
+    per_item = max(1e-10, (time.perf_counter() - started) / sample)
+    sum(range(int(seconds / per_item)))

@@ -120,3 +120,21 @@ def _exists(azurite: Azurite, queue_name: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def test_a_worker_silent_because_it_computes_holding_the_gil_is_left_running(
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
+        start: Callable[..., Supervisor]) -> None:
+    # The heartbeat stops with the GIL as the lease keeper does; a stopped or deadlocked worker uses no CPU and is
+    # replaced, but one that computes is busy: killing it would turn a success into a failed attempt.
+    record = tmp_path / "attempts.jsonl"
+    sent = queue.send_message(json.dumps({"burn_gil_s": 7}))
+    sup = start(record_env(azurite, queue_name, record, scaling_workers="1", queue_visibility_timeout_s="2",
+                           scaling_worker_timeout_s="2"))
+    sup.wait_for_workers(1)
+
+    wait_until(lambda: read_records(record, "end"), 30, what="the handler to finish")
+    assert [(s["id"], s["dequeue_count"]) for s in read_records(record, "start")] == [(sent.id, 1)], sup.log()[-3000:]
+    assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"]
+    assert "but is computing" in sup.log()
+    assert "killing it" not in sup.log()
