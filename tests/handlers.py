@@ -13,6 +13,10 @@
     interrupt_until raise Interrupted while dequeue_count <= this
     fail_until      raise RuntimeError while dequeue_count <= this
     fail            always raise RuntimeError
+    hold_gil_s      after `checkpoint`, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
+                    as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
+                    (default: every attempt)
+    burn_gil_s      after `checkpoint`, compute this long in one C call that never releases the GIL
 
 Every event of every attempt is one JSON line, appended with a single O_APPEND
 write to the file named by $TEST_HANDLER_RECORD (read once per attempt), so
@@ -21,6 +25,7 @@ lines from many threads and processes never interleave.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -67,6 +72,12 @@ def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..
     ignore_drain = bool(spec.get("ignore_drain"))
     if "checkpoint" in spec and ctx.state is None:
         emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
+    if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
+        ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
+        emit("held_gil", seconds=float(spec["hold_gil_s"]))
+    if "burn_gil_s" in spec:
+        _burn_holding_the_gil(float(spec["burn_gil_s"]))
+        emit("burned_gil", seconds=float(spec["burn_gil_s"]))
     if "big_checkpoint" in spec:
         try:
             ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})
@@ -111,7 +122,7 @@ def _pause(seconds: float, ctx: Context, ignore_drain: bool) -> None:
 def _spec(body: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any other body: record the attempt and succeed
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -130,10 +141,11 @@ def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
 
 def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # a partial last character: dropped below
     except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    lines = text.split("\n")[:-1]  # a last line without its newline is still being written: not yet
+    records = [json.loads(line) for line in lines if line.strip()]
     return [r for r in records if event is None or r["event"] == event]
 
 
@@ -176,3 +188,12 @@ class RequestLog:
             yield self
         finally:
             RequestsTransport.send = original  # type: ignore[method-assign]
+
+
+def _burn_holding_the_gil(seconds: float) -> None:
+    """Compute for about `seconds` in one C call (sum over a range never returns to the eval loop)."""
+    sample = 2_000_000
+    started = time.perf_counter()
+    sum(range(sample))
+    per_item = max(1e-10, (time.perf_counter() - started) / sample)
+    sum(range(int(seconds / per_item)))

@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.control import Channel, Kind
 from worker.handler import HandlerImportError
+from worker.lease_slots import LeaseSlots
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -28,8 +29,9 @@ STATS_INTERVAL_S = 1.0
 
 class WorkerProcess:
     def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1, channel: Channel | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, lease_slots: LeaseSlots | None = None) -> None:
         self.settings = settings
+        self.lease_slots = lease_slots
         self.telemetry = telemetry
         self.threads = threads
         self.channel = channel
@@ -47,12 +49,13 @@ class WorkerProcess:
             signal.signal(sig, self._record_signal)
         if self.channel is not None:
             # Ctrl-C reaches the whole process group: the supervisor coordinates, workers wait for its word.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # A no-op handler rather than SIG_IGN, which programs run as handlers would inherit.
+            signal.signal(signal.SIGINT, _ignore_signal)
 
     def run(self) -> int:
         self.install_signals()
         try:
-            runtime = WorkerRuntime(self.settings, self.telemetry, self.threads)
+            runtime = WorkerRuntime(self.settings, self.telemetry, self.threads, self.lease_slots)
         except HandlerImportError as exc:
             log.error("%s", exc)
             self._send(Kind.FATAL, code=os.EX_CONFIG, error=str(exc))
@@ -138,6 +141,10 @@ class WorkerProcess:
     def _send(self, kind: str, **fields: Any) -> None:
         if self.channel is not None:
             self.channel.send(kind, pid=os.getpid(), **fields)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    pass
 
 
 def _format_counts(stats: dict[str, int]) -> str:

@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 from worker.consumer import Consumer, Shared, release_all, release_pending
-from worker.handler import load_handler
+from worker.handler import load_workload
 from worker.lease import LeaseKeeper
+from worker.lease_slots import LeaseSlots
 from worker.message import Codec
+from worker.program import ProgramHandler
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 
@@ -21,15 +23,18 @@ SETTLE_WAIT_S = 2.0  # at exit, for final queue calls still under way (within th
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1,
+                 lease_slots: LeaseSlots | None = None) -> None:
         """Raises HandlerImportError when the handler cannot be imported."""
-        handler = load_handler(settings.workload.handler)
+        handler = load_workload(settings.workload)
         self.settings = settings
-        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding))
+        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding),
+                             lease_slots=lease_slots)
         self.threads_wanted = threads
         self.consumer_threads: list[threading.Thread] = []
         self._keeper_stop = threading.Event()
-        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop)
+        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop,
+                                 settings.queue.request_timeout_s)
         self.stopped_receiving_at: float | None = None
         self.abandoned = False
 
@@ -74,6 +79,8 @@ class WorkerRuntime:
         """Deadline reached: release everything still held (checkpoints kept) so another VM takes it now."""
         self.stop_receiving(time.time())
         self.abandoned = True
+        if isinstance(self.shared.handler, ProgramHandler):
+            self.shared.handler.stop_all()  # killed, last checkpoints stored: then released below
         released = release_all(self.shared)
         if released:
             log.warning("deadline: released %d message(s) whose handlers were still running", released)
@@ -111,6 +118,8 @@ class WorkerRuntime:
                         self.shared.settler.outstanding)
         self.shared.settler.close()
         self._keeper_stop.set()
+        if isinstance(self.shared.handler, ProgramHandler):
+            self.shared.handler.close()
 
     def stats(self) -> dict[str, Any]:
         counts = self.shared.counters.snapshot()
