@@ -426,7 +426,7 @@ def run_one(mode: str, args: argparse.Namespace, conn: str, workdir: Path, ids: 
         return run_mode(celery_target(conn, workdir, args.workers), ids, args.cycles, conn, rng, None)
     if mode == "kill":
         return run_mode(supervisor_target(mode, conn, workdir, args.workers, None), ids, args.cycles, conn, rng, None)
-    from supervisor.imds_simulator import ImdsSimulator
+    from supervisor.simulator.server import ImdsSimulator
 
     sim = ImdsSimulator(vm_name=VM_NAME).start()
     try:

@@ -31,7 +31,7 @@ from typing import Any
 
 from common import approximate_count, azurite, child_env, fill, new_queue, pct, save, spawn, stop_tree, visible_count
 
-from supervisor.imds_simulator import ImdsSimulator  # importable: common put the repo on sys.path
+from supervisor.simulator.server import ImdsSimulator  # importable: common put the repo on sys.path
 
 WORKERS = 2
 CHUNKS = 10

@@ -9,7 +9,7 @@ import sys
 
 from azure.core.exceptions import AzureError
 
-from supervisor import imds_simulator
+from supervisor.simulator import cli as simulator_cli
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
 from worker.process import EX_CONFIG
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
-    imds_simulator.add_arguments(simulate)
+    simulator_cli.add_arguments(simulate)
 
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         setup_logging("INFO", "imds-simulator")
-        return imds_simulator.run(args)
+        return simulator_cli.run(args)
     try:
         settings = load_settings(args.config, require_queue=args.command != "plan")
         setup_logging(settings.telemetry.log_level, "supervisor")

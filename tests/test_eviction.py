@@ -16,7 +16,7 @@ import pytest
 from azure.storage.queue import QueueClient
 from conftest import AZURE_FIXTURES, Azurite, child_env, free_port
 
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
 
 SPOT = [sys.executable, "-m", "supervisor"]
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import AZURE_FIXTURES
 
 from supervisor.eviction import Drain, EvictionPolicy, Resume
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from conftest import Azurite, child_env
 
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
 from supervisor.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,

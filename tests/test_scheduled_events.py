@@ -15,7 +15,7 @@ from conftest import AZURE_FIXTURES, free_port
 
 from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
 from supervisor.imds import ImdsError
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     Backoff,
