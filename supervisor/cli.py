@@ -9,7 +9,6 @@ import sys
 
 from azure.core.exceptions import AzureError
 
-from supervisor.simulator import cli as simulator_cli
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
 from worker.process import EX_CONFIG
@@ -17,6 +16,8 @@ from worker.queue_client import describe
 from worker.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("supervisor")
+
+SIMULATOR_PORT = 8169
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
-    simulator_cli.add_arguments(simulate)
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    simulate.add_argument("--port", type=int, default=SIMULATOR_PORT, help="port to listen on (default: %(default)s)")
+    simulate.add_argument("--vm-name", default="vm-spot-07", help="compute.name served (default: %(default)s)")
+    simulate.add_argument("--vm-size", default="Standard_D2s_v3", help="compute.vmSize served (default: %(default)s)")
+    simulate.add_argument("--priority", default="Spot", choices=("Spot", "Regular", "Low"),
+                          help="compute.priority served (default: %(default)s)")
+    simulate.add_argument("--evict-after", type=float, default=None, metavar="S",
+                          help="post a Preempt for this VM S seconds after start")
+    simulate.add_argument("--notice", type=float, default=30.0, metavar="S",
+                          help="seconds between an eviction appearing and its NotBefore (default: %(default)s)")
 
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
@@ -46,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "simulate":
+    if args.command == "simulate":  # a development tool: `run` never loads it
+        from supervisor.simulator import cli as simulator_cli
+
         setup_logging("INFO", "imds-simulator")
         return simulator_cli.run(args)
     try:

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
+
+from testsupport.azurite import Azurite
+from testsupport.harness import child_env
 
 
 def enqueue(azurite: Azurite, queue_name: str, *args: str, **spot: str) -> subprocess.CompletedProcess[str]:

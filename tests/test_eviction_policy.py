@@ -9,15 +9,15 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from conftest import AZURE_FIXTURES
 
 from supervisor.eviction import Drain, EvictionPolicy, Resume
-from supervisor.simulator.server import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.harness import AZURE_FIXTURES
 from worker.settings import DEFAULT_DRAIN_ON, EventsSettings
 
 VM = "vm-spot-07"

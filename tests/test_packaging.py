@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite
 
+from testsupport.azurite import Azurite
 from worker.settings import ShutdownSettings
 
 if sys.version_info >= (3, 11):

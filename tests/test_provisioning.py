@@ -20,9 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import Azurite, child_env
 
-from supervisor.simulator.server import ImdsSimulator
 from supervisor.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,
@@ -30,6 +28,9 @@ from supervisor.provisioning import (
     resource_url,
     wait_for_provisioning,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.azurite import Azurite
+from testsupport.harness import child_env
 
 VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/spot-1"
 VMSS_VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/pool/virtualMachines/3"

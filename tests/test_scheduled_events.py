@@ -11,11 +11,9 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from conftest import AZURE_FIXTURES, free_port
 
 from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
 from supervisor.imds import ImdsError
-from supervisor.simulator.server import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     Backoff,
@@ -24,6 +22,9 @@ from supervisor.scheduled_events import (
     ScheduledEvent,
     parse_document,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.harness import AZURE_FIXTURES
+from testsupport.net import free_port
 from worker.settings import EventsSettings
 
 VM = "vm-spot-07"

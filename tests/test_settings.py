@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import tomllib
-from conftest import REPO
 
+from testsupport.harness import REPO
 from worker.settings import (
     SECTIONS,
     ConfigError,
@@ -198,7 +198,7 @@ def test_sku_overrides_are_kept(tmp_path: Path) -> None:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_") and k != "APPLICATIONINSIGHTS_CONNECTION_STRING"}
-    return {**env, **BASE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), **extra}
+    return {**env, **BASE_ENV, "PYTHONPATH": str(REPO), **extra}
 
 
 BAD_CONFIGS = {

@@ -1,7 +1,7 @@
 """`spot-supervisor simulate`: the simulator in the foreground until SIGINT/SIGTERM.
 
-Importing this module loads nothing of the simulator itself (the parser of
-`spot-supervisor` is built for every command); `run` does.
+Its arguments are declared with the other commands' in supervisor/cli.py, which
+imports this module only for `simulate`.
 """
 
 from __future__ import annotations
@@ -11,27 +11,12 @@ import logging
 import signal
 import threading
 
+from supervisor.simulator.server import ImdsSimulator
+
 log = logging.getLogger("supervisor.simulator")
-
-DEFAULT_PORT = 8169
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on (default: %(default)s)")
-    parser.add_argument("--vm-name", default="vm-spot-07", help="compute.name served (default: %(default)s)")
-    parser.add_argument("--vm-size", default="Standard_D2s_v3", help="compute.vmSize served (default: %(default)s)")
-    parser.add_argument("--priority", default="Spot", choices=("Spot", "Regular", "Low"),
-                        help="compute.priority served (default: %(default)s)")
-    parser.add_argument("--evict-after", type=float, default=None, metavar="S",
-                        help="post a Preempt for this VM S seconds after start")
-    parser.add_argument("--notice", type=float, default=30.0, metavar="S",
-                        help="seconds between an eviction appearing and its NotBefore (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from supervisor.simulator.server import ImdsSimulator
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
