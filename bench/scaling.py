@@ -18,9 +18,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from throughput import Run, Setup, measure
-
 from bench.common import save
+from bench.throughput import Run, Setup, measure
 
 
 def efficiency(rate: float, workers: int, single: float, cpus: int) -> float:
