@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from subprocess import Popen, TimeoutExpired
 from typing import Any
@@ -43,7 +41,6 @@ IN_FLIGHT_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 COMMAND = [sys.executable, "-m", "supervisor", "run"]
-STAMP = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d)")
 
 METRICS = {  # Round attribute → printed name
     "notice_to_stopped_s": "notice -> every worker stopped receiving",
@@ -86,19 +83,15 @@ def unique_ids(records: list[dict[str, Any]]) -> set[str]:
     return {r["id"] for r in records}
 
 
-def log_time(line: str) -> float:
-    """Epoch seconds of a log line's HH:MM:SS.mmm stamp (today, local time)."""
-    stamp = STAMP.match(line)
-    assert stamp, line
-    today = datetime.now().strftime("%Y-%m-%d")
-    return datetime.strptime(f"{today} {stamp.group(1)}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
-
-
-def search(log: str, pattern: str, problems: list[str]) -> re.Match[str] | None:
-    match = re.search(pattern, log, re.MULTILINE)
-    if match is None:
-        problems.append(f"no {pattern!r} in the supervisor log")
-    return match
+def drain_timeline(log: str, problems: list[str]) -> dict[str, Any] | None:
+    """The supervisor's `drain timeline {json}` record (moments in epoch seconds), the last one in the log."""
+    marker = "drain timeline "
+    lines = [line for line in log.splitlines() if marker in line]
+    if not lines:
+        problems.append("no drain timeline in the supervisor log")
+        return None
+    record: dict[str, Any] = json.loads(lines[-1].split(marker, 1)[1])
+    return record
 
 
 # --- one round -------------------------------------------------------------------------------------------
@@ -153,14 +146,21 @@ def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, no
 
 
 def read_drain_log(log: str, noticed_at: float, result: Round) -> None:
-    drain_line = search(log, r"^.*drain \(Preempt.*$", result.problems)
-    stopped = search(log, r"every worker stopped receiving ([\d.]+)s after the drain began", result.problems)
-    acked = search(log, r"acknowledged \S+ ([\d.]+)s after the last worker exited", result.problems)
-    if drain_line and stopped:
-        result.drain_to_stopped_s = float(stopped.group(1))
-        result.notice_to_stopped_s = max(0.0, log_time(drain_line.group(0)) - noticed_at) + result.drain_to_stopped_s
-    if acked:
-        result.exit_to_ack_s = float(acked.group(1))
+    timeline = drain_timeline(log, result.problems)
+    if timeline is None:
+        return
+    if not str(timeline["reason"]).startswith("Preempt"):
+        result.problems.append(f"drained for {timeline['reason']!r}, not the Preempt")
+    started, stopped = timeline["started_at"], timeline["stopped_receiving_at"]
+    if stopped is not None:
+        result.drain_to_stopped_s = max(0.0, stopped - started)
+        result.notice_to_stopped_s = max(0.0, stopped - noticed_at)
+    else:
+        result.problems.append("no worker reported that it stopped receiving")
+    if timeline["acknowledged_at"] is not None and timeline["drained_at"] is not None:
+        result.exit_to_ack_s = timeline["acknowledged_at"] - timeline["drained_at"]
+    else:
+        result.problems.append("the drain timeline has no acknowledgement")
 
 
 def read_ack(sim: ImdsSimulator, event_id: str, noticed_at: float, result: Round) -> None:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from azure.core.exceptions import AzureError
-
+from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
-from worker.process import EX_CONFIG
-from worker.queue_client import describe
-from worker.settings import ConfigError, Settings, load_settings
+from worker.settings import ConfigError
 
 log = logging.getLogger("supervisor")
 
@@ -62,24 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("INFO", "imds-simulator")
         return simulator_cli.run(args)
     try:
-        settings = load_settings(args.config, require_queue=args.command != "plan")
+        settings = load_supervisor_settings(args.config, require_queue=args.command != "plan")
         setup_logging(settings.telemetry.log_level, "supervisor")
+        if args.command in ("run", "plan"):
+            for warning in unknown_env_variables(SupervisorSettings):
+                log.warning("%s", warning)
         if args.command == "run":
             from supervisor.service import run_service
 
-            return run_service(args.config)
+            return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
-        from supervisor.enqueue import EnqueueError, run_enqueue
-
-        try:
-            return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
-        except (EnqueueError, OSError, AzureError) as exc:
-            print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-            return 1
+        return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         print(exc, file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     except KeyboardInterrupt:
         return 130
     except Exception:  # a bug, not bad input: the traceback goes to the journal, systemd restarts us
@@ -87,8 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def print_plan(settings: Settings, as_json: bool) -> int:
-    from supervisor.service import make_plan, read_vm_facts
+def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> int:
+    from azure.core.exceptions import AzureError
+
+    from supervisor.enqueue import EnqueueError, run_enqueue
+    from worker.queue_client import describe
+
+    try:
+        return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
+    except (EnqueueError, OSError, AzureError) as exc:
+        print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
+        return 1
+
+
+def print_plan(settings: SupervisorSettings, as_json: bool) -> int:
+    from supervisor.planning import make_plan, read_vm_facts
     from supervisor.sizing import format_plan
 
     facts = read_vm_facts(settings)

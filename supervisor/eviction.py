@@ -6,14 +6,16 @@ import logging
 from dataclasses import dataclass
 from typing import Union
 
+from supervisor.config import EventsSettings
 from supervisor.scheduled_events import EventsDocument, ScheduledEvent
-from worker.settings import EventsSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Drain:
+class EvictionNotice:
+    """An event for this VM that work must stop for."""
+
     event: ScheduledEvent
     deadline: float  # time.time() epoch seconds: work must have stopped by then
     acknowledge: bool  # POST StartRequests for this event once drained
@@ -24,12 +26,22 @@ class Drain:
 
 
 @dataclass(frozen=True)
-class Resume:
+class NoticeWithdrawn:
+    """An event we drained for was cancelled: work may resume."""
+
     event_id: str
     reason: str
 
 
-Decision = Union[Drain, Resume]
+@dataclass(frozen=True)
+class Acknowledged:
+    """How an acknowledgement (POST StartRequests) ended: error is None on success."""
+
+    event_id: str
+    error: str | None
+
+
+Decision = Union[EvictionNotice, NoticeWithdrawn, Acknowledged]
 
 
 @dataclass
@@ -73,14 +85,14 @@ class EvictionPolicy:
             if tracked is not None:
                 self._update(tracked, event)
             elif event.event_id not in self._finished:
-                decisions.append(self._drain(event, now))
+                decisions.append(self._notice(event, now))
 
         for event_id in [i for i in self._draining if i not in mine]:
             tracked = self._draining.pop(event_id)
             if not tracked.started and tracked.not_before is not None and now < tracked.not_before:
                 log.warning("%s %s disappeared before its NotBefore: cancelled, resuming",
                             tracked.event.event_type, event_id)
-                decisions.append(Resume(event_id, "cancelled: the event disappeared before its NotBefore"))
+                decisions.append(NoticeWithdrawn(event_id, "cancelled: the event disappeared before its NotBefore"))
             else:
                 log.info("%s %s is no longer listed (completed)", tracked.event.event_type, event_id)
                 self._finished.add(event_id)
@@ -102,16 +114,16 @@ class EvictionPolicy:
             return now + self.settings.started_deadline_s
         return max(now, event.not_before.timestamp() - self.settings.safety_margin_s)
 
-    def _drain(self, event: ScheduledEvent, now: float) -> Drain:
+    def _notice(self, event: ScheduledEvent, now: float) -> EvictionNotice:
         not_before = None if event.status == "Started" or event.not_before is None else event.not_before.timestamp()
         self._draining[event.event_id] = _Draining(event, not_before, started=not_before is None)
         # A Started event is already under way: approving it again achieves nothing.
-        drain = Drain(event, self.deadline_for(event, now), self.should_acknowledge(event) and event.status != "Started")
+        notice = EvictionNotice(event, self.deadline_for(event, now), self.should_acknowledge(event) and event.status != "Started")
         log.warning("%s %s (%s, source %s, NotBefore %s) for this VM: drain, deadline in %.1fs, acknowledge=%s",
                     event.event_type, event.event_id, event.status, event.source or "-",
-                    event.not_before.isoformat() if event.not_before else "-", drain.deadline - now,
-                    drain.acknowledge)
-        return drain
+                    event.not_before.isoformat() if event.not_before else "-", notice.deadline - now,
+                    notice.acknowledge)
+        return notice
 
     @staticmethod
     def _update(tracked: _Draining, event: ScheduledEvent) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from worker.settings import ScalingSettings
+from supervisor.config import ScalingSettings
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PROC_SELF_CGROUP = Path("/proc/self/cgroup")

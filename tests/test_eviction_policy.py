@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from supervisor.eviction import Drain, EvictionPolicy, Resume
+from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
+from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,
@@ -18,7 +19,6 @@ from supervisor.scheduled_events import (
 )
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.harness import AZURE_FIXTURES
-from worker.settings import DEFAULT_DRAIN_ON, EventsSettings
 
 VM = "vm-spot-07"
 NOT_BEFORE = datetime(2026, 11, 21, 14, 0, 30, tzinfo=timezone.utc).timestamp()  # the fixtures' Preempt
@@ -40,17 +40,17 @@ def served() -> Iterator[tuple[httpx.Client, AzureScheduledEvents]]:
 
 
 def observe_fixture(served: tuple[httpx.Client, AzureScheduledEvents], name: str, vm_name: str = VM,
-                    **settings: object) -> list[Drain | Resume]:
+                    **settings: object) -> list[EvictionNotice | NoticeWithdrawn]:
     ctl, source = served
     assert ctl.post("/simulate/document", content=(FIXTURES / name).read_bytes()).status_code == 200
     policy = EvictionPolicy(vm_name, dataclasses.replace(SETTINGS, **settings))
     return policy.observe(source.poll(), NOW)
 
 
-def only_drain(decisions: list[Drain | Resume], event_id: str) -> Drain:
+def only_drain(decisions: list[EvictionNotice | NoticeWithdrawn], event_id: str) -> EvictionNotice:
     assert len(decisions) == 1, decisions
     (drain,) = decisions
-    assert isinstance(drain, Drain) and drain.event.event_id == event_id
+    assert isinstance(drain, EvictionNotice) and drain.event.event_id == event_id
     return drain
 
 
@@ -169,14 +169,14 @@ def test_drain_is_emitted_once_per_event() -> None:
     assert p.observe(doc(2, event("E1"), event("X", resources=("other-vm",))), NOW + 2) == []
     assert p.observe(doc(3, event("E1", status="Started", not_before=None)), NOW + 3) == []
     (second,) = p.observe(doc(4, event("E1", status="Started", not_before=None), event("E2", "Reboot")), NOW + 4)
-    assert isinstance(second, Drain) and second.event.event_id == "E2"
+    assert isinstance(second, EvictionNotice) and second.event.event_id == "E2"
 
 
 def test_cancelled_before_not_before_resumes() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     (resume,) = p.observe(doc(2), NOT_BEFORE - 1)
-    assert resume == Resume("E1", resume.reason) and "cancelled" in resume.reason
+    assert resume == NoticeWithdrawn("E1", resume.reason) and "cancelled" in resume.reason
     assert p.observe(doc(3), NOT_BEFORE - 0.5) == []
 
 
@@ -197,22 +197,22 @@ def test_disappearing_after_it_started_is_not_a_cancellation() -> None:
 def test_a_cancelled_event_that_comes_back_drains_again() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    assert isinstance(p.observe(doc(2), NOW + 1)[0], Resume)
-    assert isinstance(p.observe(doc(3, event("E1")), NOW + 2)[0], Drain)
+    assert isinstance(p.observe(doc(2), NOW + 1)[0], NoticeWithdrawn)
+    assert isinstance(p.observe(doc(3, event("E1")), NOW + 2)[0], EvictionNotice)
 
 
 def test_event_moving_to_another_vm_counts_as_cancelled() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     (resume,) = p.observe(doc(2, event("E1", resources=("other-vm",))), NOW + 1)
-    assert isinstance(resume, Resume)
+    assert isinstance(resume, NoticeWithdrawn)
 
 
 def test_not_before_moved_later_is_tracked() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     p.observe(doc(2, event("E1", not_before=NOT_BEFORE + 600)), NOW + 1)
-    assert isinstance(p.observe(doc(3), NOT_BEFORE + 10)[0], Resume)
+    assert isinstance(p.observe(doc(3), NOT_BEFORE + 10)[0], NoticeWithdrawn)
 
 
 @pytest.mark.parametrize("resources,ack,expected", [

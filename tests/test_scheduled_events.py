@@ -12,20 +12,20 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
+from supervisor.config import EventsSettings
+from supervisor.event_watcher import EventWatcher
+from supervisor.eviction import Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.imds import ImdsError
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
-    Backoff,
     EventsDocument,
-    EventWatcher,
     ScheduledEvent,
     parse_document,
 )
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.harness import AZURE_FIXTURES
 from testsupport.net import free_port
-from worker.settings import EventsSettings
+from worker.backoff import Backoff
 
 VM = "vm-spot-07"
 
@@ -248,11 +248,9 @@ def watch(sim: ImdsSimulator) -> Iterator[callable]:
               ) -> tuple[EventWatcher, Recorder]:
         recorder = Recorder()
         source = AzureScheduledEvents(sim.url, settings.request_timeout_s, first_request_timeout_s=0.2)
-        watcher = EventWatcher(source, EvictionPolicy(VM, settings), on_decision or recorder,
-                               poll_interval_s=settings.poll_interval_s,
-                               backoff=backoff or Backoff(base_s=0.02, cap_s=0.2))
+        watcher = EventWatcher(source, settings, VM, backoff=backoff or Backoff(base_s=0.02, cap_s=0.2))
         started.append((watcher, source))
-        watcher.start()
+        watcher.watch(on_decision or recorder)
         return watcher, recorder
 
     yield start
@@ -285,7 +283,7 @@ def test_watcher_rides_out_faults_and_still_sees_a_later_eviction(ctl: httpx.Cli
     seen_at = time.monotonic()
     decisions = recorder.wait_for(1, timeout=2)
     assert time.monotonic() - seen_at < 1.0
-    assert len(decisions) == 1 and isinstance(decisions[0], Drain)
+    assert len(decisions) == 1 and isinstance(decisions[0], EvictionNotice)
     assert decisions[0].event.event_id == event_id and decisions[0].acknowledge
 
 
@@ -298,7 +296,7 @@ def test_watcher_does_not_read_errors_as_no_events(ctl: httpx.Client, watch) -> 
     wait_for_gets(ctl, before + 8)
     ctl.post("/simulate/faults", json={"mode": "garbage", "count": 1000})
     wait_for_gets(ctl, before + 14)
-    assert len(recorder.decisions) == 1  # no Resume: the event did not vanish, IMDS failed
+    assert len(recorder.decisions) == 1  # no NoticeWithdrawn: the event did not vanish, IMDS failed
     assert watcher.is_alive() and watcher.consecutive_failures > 0
 
 
@@ -318,7 +316,7 @@ def test_watcher_resumes_when_the_eviction_is_cancelled(ctl: httpx.Client, watch
     recorder.wait_for(1, 2)
     assert ctl.delete(f"/simulate/event/{event_id}").status_code == 200
     decisions = recorder.wait_for(2, 2)
-    assert [type(d) for d in decisions] == [Drain, Resume]
+    assert [type(d) for d in decisions] == [EvictionNotice, NoticeWithdrawn]
     assert decisions[1].event_id == event_id  # type: ignore[union-attr]
 
 
@@ -327,7 +325,7 @@ def test_watcher_drains_once_per_event(ctl: httpx.Client, watch) -> None:
     watcher, recorder = watch()
     recorder.wait_for(1, 2)
     incarnation = watcher.incarnation
-    # the event starts at NotBefore: a new incarnation, the same event, no second Drain
+    # the event starts at NotBefore: a new incarnation, the same event, no second EvictionNotice
     deadline = time.monotonic() + 3
     while watcher.incarnation == incarnation:
         assert time.monotonic() < deadline

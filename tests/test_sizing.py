@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from supervisor import sizing
+from supervisor.config import ScalingSettings
 from supervisor.sizing import Plan, Resources, compute_plan, format_plan, read_resources
-from worker.settings import ScalingSettings
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3

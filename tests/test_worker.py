@@ -39,7 +39,6 @@ from worker.message import Codec, Envelope
 from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
-    EventsSettings,
     QueueSettings,
     Settings,
     TelemetrySettings,
@@ -67,12 +66,11 @@ def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def settings_for(azurite: Azurite, name: str, **queue: Any) -> Settings:
-    """Test settings: events.source "none" and a local endpoint, so IMDS is never contacted."""
+    """A worker's test settings (a worker never contacts IMDS: that is the supervisor's)."""
     defaults: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2}
     settings = Settings(
         queue=QueueSettings(connection_string=azurite.connection_string, name=name, **{**defaults, **queue}),
         workload=WorkloadSettings(handler=HANDLER),
-        events=EventsSettings(source="none", endpoint="http://127.0.0.1:9"),
     )
     validate(settings)
     return settings
@@ -90,7 +88,7 @@ def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
 
     yield start
     for runtime in started:
-        runtime.drain(time.time() + 5)
+        runtime.stop_receiving(time.time() + 5)
         deadline = time.monotonic() + 5
         while not runtime.idle() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -266,7 +264,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     wait_until(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     texts = wait_until(lambda: len(peek_texts(queue)) == 9 and peek_texts(queue), 1.0, interval=0.01,
                      what="the 9 unstarted messages to be visible again")
     assert time.monotonic() - began <= 1.0
@@ -406,7 +404,7 @@ def test_empty_queue_polls_back_off_and_drain_wakes_an_idle_worker(azurite: Azur
     assert gaps[0] < 0.15 and max(gaps) >= 0.35 and max(gaps) <= 2.3, gaps
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     wait_until(lambda: not any(t.is_alive() for t in runtime.consumer_threads), 0.2, interval=0.005,
              what="the sleeping consumer to wake and stop")
     assert runtime.idle()

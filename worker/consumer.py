@@ -17,8 +17,8 @@ from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
-from worker.backoff import Backoff
-from worker.context import Context, DrainSignal
+from worker.backoff import Backoff, exponential_delay
+from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
@@ -54,7 +54,7 @@ class Shared:
     telemetry: Telemetry
     codec: Codec
     leases: LeaseTable = field(default_factory=LeaseTable)
-    drain: DrainSignal = field(default_factory=DrainSignal)
+    stop: StopSignal = field(default_factory=StopSignal)  # handlers' view: ctx.draining, ctx.deadline
     stop_receiving: threading.Event = field(default_factory=threading.Event)
     counters: Counters = field(default_factory=Counters)
     _poison: QueueClient | None = None
@@ -71,7 +71,7 @@ class Shared:
 
 def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
-    delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
+    delay = exponential_delay(failures - 1, settings.retry_delay_s, settings.retry_delay_max_s)
     return max(1, round(delay * random.uniform(0.8, 1.2)))
 
 
@@ -125,7 +125,7 @@ class Consumer:
         """Receive and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
         counters = self.shared.counters
-        with counters.lock:  # checked and counted together: WorkerRuntime.drain sets stop under this lock
+        with counters.lock:  # checked and counted together: WorkerRuntime.stop_receiving sets it under this lock
             if self.shared.stop_receiving.is_set():
                 return None
             counters.receiving += 1
@@ -154,7 +154,7 @@ class Consumer:
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
         for lease, message, prior_failures in batch:
-            if self.shared.drain.active:
+            if self.shared.stop.is_set:
                 # Checked before every message, not once per batch: the drain releases pending leases one
                 # request at a time, and the next message of this batch must not start meanwhile.
                 release_pending(self.shared)
@@ -185,7 +185,7 @@ class Consumer:
 
     def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
         shared = self.shared
-        ctx = Context(lease, shared.codec, shared.drain, handler_log)
+        ctx = Context(lease, shared.codec, shared.stop, handler_log)
         with shared.counters.lock:
             shared.counters.running += 1
         shared.telemetry.inflight(1)

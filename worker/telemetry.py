@@ -80,7 +80,9 @@ _EXPORT_THREADS = ("OtelBatch", "OtelPeriodicExportingMetricReader", "spot-telem
 
 
 class Telemetry:
-    """Providers, instruments and hot-path helpers of one process. Build it with `setup_telemetry`."""
+    """Providers, the worker's instruments and hot-path helpers of one process. Build it with `setup_telemetry`.
+
+    `meter` is there for the supervisor's own instruments (supervisor/metrics.py)."""
 
     def __init__(self, settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> None:
         self.role = role
@@ -128,12 +130,6 @@ class Telemetry:
                                                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
         self._inflight = m.create_up_down_counter("spot.messages.inflight", unit="{message}",
                                                   description="Messages received and not yet settled")
-        self._drain_duration = m.create_histogram("spot.drain.duration", unit="s", description="Drain start to idle",
-                                                  explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
-        self._eviction_notices = m.create_counter("spot.eviction.notices", unit="{event}",
-                                                  description="Scheduled Events for this VM that start a drain")
-        self._respawns = m.create_counter("spot.worker.respawns", unit="{process}",
-                                          description="Worker processes started again after they exited")
         self._outcome_attrs = {o: {"outcome": o} for o in MESSAGE_OUTCOMES}
 
     # -- hot path ---------------------------------------------------------------------------------
@@ -163,17 +159,6 @@ class Telemetry:
 
     def inflight(self, delta: int) -> None:
         self._inflight.add(delta)
-
-    # -- supervisor -------------------------------------------------------------------------------
-
-    def record_drain(self, duration_s: float, reason: str) -> None:
-        self._drain_duration.record(duration_s, {"reason": reason})
-
-    def record_eviction_notice(self, event_type: str) -> None:
-        self._eviction_notices.add(1, {"event_type": event_type})
-
-    def record_worker_respawn(self, reason: str = "exited") -> None:
-        self._respawns.add(1, {"reason": reason})
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from supervisor.simulator.state import BadRequest, Fault, ImdsState, is_int
+from supervisor.imds import is_json_int
+from supervisor.simulator.state import BadRequest, Fault, ImdsState
 
 log = logging.getLogger("supervisor.simulator")
 
@@ -296,7 +297,7 @@ def _number(data: Any, key: str) -> float | None:
 
 def _whole(data: Any, key: str, default: int) -> int:
     value = data.get(key, default) if isinstance(data, dict) else default
-    if not is_int(value):
+    if not is_json_int(value):
         raise BadRequest(f"{key} must be a whole number, got {value!r}")
     return int(value)
 

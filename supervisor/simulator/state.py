@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from supervisor.imds import is_json_int
+
 FAULT_MODES = ("500", "410", "429", "slow", "garbage", "reset")
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"
 
@@ -180,7 +182,7 @@ class ImdsState:
         """Serve `document` as given; a well-formed one still reacts to acks and cancels."""
         with self._lock:
             doc = self._doc
-            if (isinstance(document, dict) and is_int(document.get("DocumentIncarnation"))
+            if (isinstance(document, dict) and is_json_int(document.get("DocumentIncarnation"))
                     and isinstance(document.get("Events"), list)
                     and all(isinstance(e, dict) and isinstance(e.get("EventId"), str) for e in document["Events"])):
                 doc.opaque = None
@@ -199,7 +201,7 @@ class ImdsState:
                    retry_after_s: float | None = None) -> dict[str, Any]:
         if mode not in FAULT_MODES:
             raise BadRequest(f"mode must be one of {', '.join(FAULT_MODES)}, got {mode!r}")
-        if not is_int(count) or count < 0:
+        if not is_json_int(count) or count < 0:
             raise BadRequest(f"count must be a whole number >= 0, got {count!r}")
         delay = (2.0 if mode == "slow" else 0.0) if delay_s is None else float(delay_s)
         with self._lock:
@@ -283,7 +285,3 @@ class ImdsState:
             self._doc.opaque = None
             self._doc.snapshot = []
             self._doc.incarnation += 1
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
