@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.azurite import Azurite
-from testsupport.handlers import RECORD_ENV, read_records, succeeded_ids
+from testsupport.handlers import RECORD_ENV, read_json_lines, read_records, succeeded_ids
 from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, child_env
 from testsupport.net import free_port
 
@@ -53,8 +53,7 @@ def enqueue(queue: QueueClient, count: int, chunks: int, chunk_ms: float) -> Non
 
 
 def results(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_json_lines(tmp_path / "results.jsonl")
 
 
 def visible_count(queue: QueueClient) -> int:

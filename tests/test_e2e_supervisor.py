@@ -21,7 +21,7 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
-from testsupport.handlers import IMPORT_DELAY_ENV, IMPORTED_ENV, RECORD_ENV, read_records, succeeded_ids
+from testsupport.handlers import IMPORT_DELAY_ENV, IMPORTED_ENV, RECORD_ENV, read_json_lines, read_records, succeeded_ids
 from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
 from testsupport.waiting import wait_until
 
@@ -79,11 +79,11 @@ def test_scale_out_processes_in_several_workers(azurite: Azurite, queue: QueueCl
     assert len(sup.wait_for_workers(4)) == 4
 
     def all_done() -> bool:
-        return results.exists() and {json.loads(line)["id"] for line in results.read_text().splitlines()} >= set(ids)
+        return {line["id"] for line in read_json_lines(results)} >= set(ids)
     wait_until(all_done, 30, "every message to be processed")
     wait_until(lambda: message_count(queue) == 0, 10, "the queue to be empty (every message deleted)")
 
-    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    lines = read_json_lines(results)
     pids = {line["pid"] for line in lines}
     assert len(pids) >= 2, f"all 40 messages ran in one process: {pids}"
     assert pids <= set(spawned_pids(sup.log())), "completions came from processes the supervisor did not spawn"

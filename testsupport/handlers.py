@@ -137,13 +137,22 @@ def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file that processes are still appending to.
+
+    One O_APPEND write is never interleaved with another, but a reader can see
+    the first part of a line that straddles a page boundary before the rest:
+    a last line without its newline is not written yet.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in read_json_lines(path) if event is None or r["event"] == event]
 
 
 def succeeded_ids(path: str | os.PathLike[str]) -> set[str]:
