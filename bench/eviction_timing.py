@@ -24,10 +24,23 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from subprocess import Popen, TimeoutExpired
+from subprocess import Popen
 from typing import Any
 
-from bench.common import approximate_count, azurite, child_env, fill, new_queue, pct, save, spawn, stop_tree, visible_count
+from bench.common import (
+    approximate_count,
+    azurite,
+    child_env,
+    end_when_holding,
+    fill,
+    holding,
+    new_queue,
+    pct,
+    save,
+    spawn,
+    stop_tree,
+    visible_count,
+)
 from supervisor.simulator.server import ImdsSimulator
 
 WORKERS = 2
@@ -119,12 +132,12 @@ def wait_for_work(results: Path, round_no: int, proc: Popen[bytes], problems: li
 
 
 def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, noticed_at: float,
-                     proc: Popen[bytes]) -> tuple[float, int] | None:
+                     proc: Popen[bytes], log: Path) -> tuple[float, int] | None:
     """(seconds after the notice, visible count) from when visible + completed covered every message for good.
 
     "For good": a worker that has not seen the notice yet may take visible messages
     again, so the answer is the start of the last stretch in which the condition held,
-    polled until the supervisor exited (nothing receives after that). Completions are
+    polled until the supervisor exited or holds without workers (nothing receives after that). Completions are
     read before the peek: a message completed in between was invisible at the peek, so
     it is counted at most once; the other order could count a message seen visible,
     then received and completed. None if the condition did not hold at the timeout.
@@ -132,7 +145,7 @@ def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, no
     since: float | None = None
     visible = 0
     while time.time() - noticed_at < RELEASE_TIMEOUT_S:
-        exited = proc.poll() is not None
+        exited = proc.poll() is not None or holding(log)
         done = len(unique_ids(completions(results, round_no)))
         visible = visible_count(queue)
         if done + visible < messages:
@@ -183,14 +196,14 @@ def evict(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argpar
         time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
         notice = sim.simulate_eviction(delay_s=NOTICE_S)
         noticed_at = time.time()
-        released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc)
+        released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc, log_path)
         if released is None:
             result.problems.append(f"uncompleted messages not all visible again {RELEASE_TIMEOUT_S:.0f}s after the notice")
         else:
             result.notice_to_released_s, result.visible_when_released = released
-        result.exit_code = proc.wait(EXIT_TIMEOUT_S)
-    except TimeoutExpired:
-        result.problems.append(f"supervisor still running {EXIT_TIMEOUT_S:.0f}s after the notice")
+        result.exit_code = end_when_holding(proc, log_path, EXIT_TIMEOUT_S)
+        if result.exit_code is None:
+            result.problems.append(f"supervisor neither holding nor gone {EXIT_TIMEOUT_S:.0f}s after the notice")
     finally:
         stop_tree(proc)  # a no-op once it exited
     if result.exit_code not in (0, None):

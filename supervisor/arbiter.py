@@ -33,9 +33,11 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 class Arbiter(WorkerPool):
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
-                 events: EventWatcher | None = None) -> None:
+                 events: EventWatcher | None = None,
+                 exit_summary: Callable[[dict[str, int]], str] | None = None) -> None:
         super().__init__(settings, plan, telemetry, attributes, reload)
         self.events = events  # None when not watching Scheduled Events
+        self.exit_summary = exit_summary  # more for the exit line (uptime, dollars saved), from the totals
         self.signals: list[int] = []
         self.decisions: queue.SimpleQueue[Decision] = queue.SimpleQueue()
         self.notified_ready = False
@@ -87,6 +89,8 @@ class Arbiter(WorkerPool):
             self.reap_workers()
             if self.exit_code is not None:
                 break
+            self.check_watcher()
+            self.check_liveness()
             self.manage_workers()
             self.check_drain()
             self.notify_systemd()
@@ -145,42 +149,51 @@ class Arbiter(WorkerPool):
     # --- drain
 
     def drain_workers(self, reason: str, deadline: float, notice: EvictionNotice | None = None, stop: bool = False) -> None:
-        """Every worker: stop receiving, give back unstarted messages, finish by the deadline."""
+        """Every worker: stop receiving, give back unstarted messages, finish by the deadline.
+
+        A drain already under way takes the new reason's deadline if it is earlier, and its notice or stop too.
+        """
         state = self.drain_state
-        if state is not None:
+        if state is None:
+            now = time.time()
+            state = self.drain_state = DrainInProgress(reason, deadline, now, stop_requested=stop,
+                                                       waiting_for=set(self.workers))
+            log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.workers), deadline - now)
+            sdnotify.stopping(f"draining: {reason}")
+            for handle in self.workers.values():
+                handle.retiring = True
+                handle.channel.send(Kind.DRAIN, deadline=deadline)
+        else:
             state.stop_requested |= stop
             if deadline < state.deadline:
+                log.info("drain: %s moves the deadline %.1fs earlier", reason, state.deadline - deadline)
                 state.deadline = deadline
                 for handle in self.workers.values():
                     handle.channel.send(Kind.DRAIN, deadline=deadline)
-            if notice is not None and state.notice is None:
-                state.notice = notice
-            return
-        now = time.time()
-        self.drain_state = DrainInProgress(reason, deadline, now, notice, stop_requested=stop, waiting_for=set(self.workers))
-        log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.workers), deadline - now)
-        sdnotify.stopping(f"draining: {reason}")
-        for handle in self.workers.values():
-            handle.retiring = True
-            handle.channel.send(Kind.DRAIN, deadline=deadline)
+        if notice is not None:
+            state.add_notice(notice)
 
     def on_eviction_notice(self, notice: EvictionNotice) -> None:
         event = notice.event
         self.metrics.record_eviction_notice(event.event_type)
         log.warning("%s %s (%s) for this VM, NotBefore %s: draining", event.event_type, event.event_id,
                     event.status, event.not_before.isoformat() if event.not_before else "now")
+        if not notice.acknowledge:
+            log.info("not acknowledging %s: %s", notice.event_id, why_not_acknowledged(notice))
         self.drain_workers(f"{event.event_type} {event.event_id}", notice.deadline, notice)
 
     def on_notice_withdrawn(self, withdrawn: NoticeWithdrawn) -> None:
         state = self.drain_state
-        if state is None or state.notice is None or state.notice.event_id != withdrawn.event_id:
+        if state is None or not state.withdraw(withdrawn.event_id):
             return
         if state.stop_requested:
             log.info("event %s was cancelled, but a stop was requested: draining on", withdrawn.event_id)
-            state.notice = None
-            return
-        log.warning("event %s was cancelled (%s): resuming processing", withdrawn.event_id, withdrawn.reason)
-        self.resume()
+        elif state.notices:
+            log.info("event %s was cancelled (%s); still draining for %s", withdrawn.event_id, withdrawn.reason,
+                     ", ".join(state.notices))
+        else:
+            log.warning("event %s was cancelled (%s): resuming processing", withdrawn.event_id, withdrawn.reason)
+            self.resume()
 
     def resume(self) -> None:
         self.drain_state = None
@@ -201,8 +214,7 @@ class Arbiter(WorkerPool):
             return
         now = time.time()
         if not self.workers:
-            if state.phase is not DrainPhase.HOLDING:
-                self.drained(state, now)
+            self.drained(state, now)
             return
         if now >= state.deadline and state.phase is DrainPhase.DRAINING:
             state.phase = DrainPhase.ABANDONED
@@ -216,51 +228,63 @@ class Arbiter(WorkerPool):
                 self.kill_worker(handle.pid, signal.SIGKILL)
 
     def drained(self, state: DrainInProgress, now: float) -> None:
-        """No worker left: acknowledge if we should (never waiting for it here), then exit, resume or hold."""
+        """No worker left: acknowledge what we may (never waiting here), then exit, resume or hold."""
         if state.drained_at is None:
             state.drained_at = now
             self.metrics.record_drain(now - state.started_at, state.reason)
             log.info("drained in %.3fs (%s)", now - state.started_at, state.reason)
-            if state.notice is not None and not state.needs_ack(self.events is not None):
-                log.info("not acknowledging %s: %s", state.notice.event_id, why_not_acknowledged(state.notice))
-        if state.needs_ack(self.events is not None):
-            if not state.ack_in_flight and now >= state.next_ack_at:
-                self.ack_event(state)
+        if self.events is not None:
+            for event_id in state.acks_due(now):
+                state.acks[event_id].in_flight = True
+                self.events.acknowledge(event_id)
+        if state.phase is not DrainPhase.HOLDING and state.waiting_for_acks():
             return
-        if state.ack_in_flight:
-            return
-        log.info("drain timeline %s", state.timeline())
         outcome = state.outcome()
+        if state.phase is DrainPhase.HOLDING and outcome is Outcome.HOLD:
+            return
+        if state.phase is not DrainPhase.HOLDING:
+            log.info("drain timeline %s", state.timeline())
         if outcome is Outcome.RESUME:
-            assert state.notice is not None
-            log.info("%s %s: resuming processing", state.notice.event.event_type.lower(), state.notice.event_id)
+            final = state.final_notice()
+            log.info("%s: resuming processing", f"{final.event.event_type} {final.event_id}" if final else "no event left")
             self.resume()
         elif outcome is Outcome.HOLD:
-            assert state.notice is not None
             state.phase = DrainPhase.HOLDING
-            log.info("drained; holding until %s starts or is cancelled", state.notice.event_id)
-            sdnotify.status(f"drained, holding for {state.notice.event_id}")
+            status = state.holding_status()
+            final = state.final_notice()
+            assert final is not None
+            log.info("drained; holding until %s disappears (then resuming) or the VM goes: %s", final.event_id, status)
+            sdnotify.status(status)
         else:
-            self.exit_code = 0
-
-    def ack_event(self, state: DrainInProgress) -> None:
-        """Start one acknowledgement attempt; `on_acknowledged` hears how it ended."""
-        assert self.events is not None and state.notice is not None
-        state.ack_in_flight = True
-        self.events.acknowledge(state.notice.event_id)
+            self.exit_code = state.exit_code
 
     def on_acknowledged(self, result: Acknowledged) -> None:
         state = self.drain_state
-        if state is None or state.notice is None or state.notice.event_id != result.event_id:
+        ack = state.acks.get(result.event_id) if state is not None else None
+        if state is None or ack is None:
             return
         now = time.time()
         if result.error is not None:
-            state.ack_failed(now)
-            log.warning("acknowledging %s failed (attempt %d): %s", result.event_id, state.ack_attempts, result.error)
+            ack.failed(now)
+            log.warning("acknowledging %s failed (attempt %d, next in %.1fs): %s", result.event_id, ack.attempts,
+                        ack.next_at - now, result.error)
             return
-        state.ack_in_flight = False
-        state.acknowledged_at = now
+        ack.in_flight = False
+        ack.done_at = now
         log.info("acknowledged %s %.3fs after the last worker exited", result.event_id, now - (state.drained_at or now))
+        if state.phase is DrainPhase.HOLDING:
+            sdnotify.status(state.holding_status())
+
+    def check_watcher(self) -> None:
+        """The Scheduled Events thread must never be gone unnoticed: without it evictions come unannounced."""
+        if self.events is None or self.events.is_alive() or self.events.stopping or self.exit_code is not None:
+            return
+        if self.drain_state is not None and self.drain_state.exit_code == 1:
+            return
+        log.critical("the Scheduled Events watcher thread is gone: stopping the service (exit 1) so systemd restarts it")
+        self.drain_workers("Scheduled Events watcher died", time.time() + self.settings.shutdown.drain_timeout_s, stop=True)
+        assert self.drain_state is not None
+        self.drain_state.exit_code = 1
 
     # --- systemd and the end
 
@@ -280,12 +304,16 @@ class Arbiter(WorkerPool):
     def status_line(self) -> str:
         t = self.totals()
         running = sum(int(w.stats.get("running", 0)) for w in self.workers.values())
-        state = f"draining ({self.drain_state.reason})" if self.drain_state else "running"
+        drain = self.drain_state
+        if drain is not None and drain.phase is DrainPhase.HOLDING:
+            return drain.holding_status()
+        state = "running" if drain is None else f"{drain.phase.value} ({drain.reason})"
         return (f"{state}: {len(self.workers)} worker(s), {running} in flight, {t.get('succeeded', 0)} done, "
                 f"{t.get('failed', 0)} failed, {t.get('poisoned', 0)} poisoned, {t.get('released', 0) + t.get('interrupted', 0)} released")
 
     def finish(self) -> None:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
-        log.info("supervisor exiting (%d): %s", self.exit_code, self.status_line())
+        extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
+        log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
 

@@ -1,13 +1,16 @@
-"""The `spot-supervisor` command: run, plan, simulate, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue, poison."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 
+from supervisor import poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError
 from worker.logs import setup_logging
@@ -42,25 +45,53 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--notice", type=float, default=30.0, metavar="S",
                           help="seconds between an eviction appearing and its NotBefore (default: %(default)s)")
 
+    prices = sub.add_parser("prices", help="this VM's Linux Spot and pay-as-you-go hourly prices and the savings "
+                                           "(Azure Retail Prices API, cached for a day)")
+    prices.add_argument("--config")
+    prices.add_argument("--sku", help="VM size, e.g. Standard_D4s_v5 (default: this VM's, from instance metadata)")
+    prices.add_argument("--region", help="Azure region, e.g. westeurope (default: this VM's)")
+    prices.add_argument("--json", action="store_true", help="machine-readable output")
+
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
     what = enqueue.add_mutually_exclusive_group(required=True)
-    what.add_argument("--count", type=int, help="generate this many sample-handler messages")
-    what.add_argument("--file", help="one message per non-empty line ('-' for standard input)")
-    enqueue.add_argument("--chunks", type=int, default=5, help="sample handler: chunks per message (default 5)")
-    enqueue.add_argument("--chunk-ms", type=float, default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+    what.add_argument("--count", type=at_least(1, int), help="generate this many sample-handler messages")
+    what.add_argument("--file", help="one message per line that is not blank ('-' for standard input)")
+    enqueue.add_argument("--chunks", type=at_least(1, int), default=5, help="sample handler: chunks per message (default 5)")
+    enqueue.add_argument("--chunk-ms", type=at_least(0, float), default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+
+    poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
+    poison_cli.add_arguments(poison)
     return parser
 
 
+def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number (int or float) of at least `low`, else a usage error naming the value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "poison":
+        poison_cli.check_arguments(parser, args)
     if args.command == "simulate":  # a development tool: `run` never loads it
         from supervisor.simulator import cli as simulator_cli
 
         setup_logging("INFO", "imds-simulator")
         return simulator_cli.run(args)
     try:
-        settings = load_supervisor_settings(args.config, require_queue=args.command != "plan")
+        settings = load_supervisor_settings(args.config, require_queue=args.command not in ("plan", "prices"))
         setup_logging(settings.telemetry.log_level, "supervisor")
         if args.command in ("run", "plan"):
             for warning in unknown_env_variables(SupervisorSettings):
@@ -71,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
+        if args.command == "prices":
+            return print_prices(settings, args.sku, args.region, args.json)
+        if args.command == "poison":
+            return poison_cli.run(args, settings.queue)
         return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         print(exc, file=sys.stderr)
@@ -93,6 +128,33 @@ def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> i
     except (EnqueueError, OSError, AzureError) as exc:
         print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
         return 1
+
+
+def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
+    from supervisor.imds import ImdsError, fetch_instance_info
+    from supervisor.planning import INSTANCE_TIMEOUT_S
+    from supervisor.prices import PricesError, get_quote
+
+    if not (sku and region):
+        if settings.events.source != "azure":
+            print("prices: give --sku and --region (events.source is \"none\": no instance metadata to ask)", file=sys.stderr)
+            return 1
+        try:
+            instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
+        except ImdsError as exc:
+            print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
+            return 1
+        sku, region = sku or instance.vm_size, region or instance.location
+    try:
+        quote, cached = get_quote(settings.cost.prices_endpoint, sku, region)
+    except PricesError as exc:
+        print(f"prices: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({**quote.to_dict(), "cached": cached}))
+    else:
+        print(quote.describe() + (" (cached today)" if cached else ""))
+    return 0
 
 
 def print_plan(settings: SupervisorSettings, as_json: bool) -> int:

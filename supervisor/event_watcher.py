@@ -22,6 +22,7 @@ from worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
+FAILURE_WARNING_EVERY_S = 60.0  # while polls keep failing, one WARNING a minute; the others at DEBUG
 
 
 class EventWatcher(threading.Thread):
@@ -41,6 +42,8 @@ class EventWatcher(threading.Thread):
         self.incarnation: int | None = None
         self.last_success: float | None = None
         self.consecutive_failures = 0
+        self._next_failure_warning = 0.0
+        self._problems_logged: set[str] = set()
 
     def watch(self, on_decision: Callable[[Decision], None]) -> None:
         """Start the thread; `on_decision` runs on it (and on acknowledgement threads): it should only queue."""
@@ -58,13 +61,17 @@ class EventWatcher(threading.Thread):
         return self._stopping.is_set()
 
     def run(self) -> None:
-        if not self._learn_vm_name():
-            return
-        self._policy = EvictionPolicy(self.vm_name, self.settings)
-        log.info("watching Scheduled Events at %s for %s (drain on %s)", self.settings.endpoint,
-                 self.vm_name, ", ".join(self.settings.drain_on))
-        while not self._stopping.is_set():
-            self._stopping.wait(self.poll_once())
+        try:
+            if not self._learn_vm_name():
+                return
+            self._policy = EvictionPolicy(self.vm_name, self.settings)
+            log.info("watching Scheduled Events at %s for %s (drain on %s)", self.settings.endpoint,
+                     self.vm_name, ", ".join(self.settings.drain_on))
+            while not self._stopping.is_set():
+                self._stopping.wait(self.poll_once())
+        except BaseException:  # the arbiter notices the dead thread (Arbiter.check_watcher) and stops the service
+            log.critical("the Scheduled Events watcher died", exc_info=True)
+            raise
 
     def _learn_vm_name(self) -> bool:
         """Until instance metadata names this VM (it may not answer at boot); False when stopped first."""
@@ -100,6 +107,7 @@ class EventWatcher(threading.Thread):
             log.info("scheduled events incarnation %s -> %s: %d event(s)",
                      self.incarnation, document.incarnation, len(document.events))
             self.incarnation = document.incarnation
+        self._log_problems(document.problems)
         try:
             decisions = self._policy.observe(document, self._clock())
         except Exception:
@@ -129,6 +137,15 @@ class EventWatcher(threading.Thread):
         except Exception:
             log.exception("on_decision callback failed for %r", decision)
 
+    def _log_problems(self, problems: tuple[str, ...]) -> None:
+        """Each unreadable event once, not on every poll."""
+        for problem in problems:
+            if problem not in self._problems_logged:
+                if len(self._problems_logged) >= 1000:
+                    self._problems_logged.clear()
+                self._problems_logged.add(problem)
+                log.warning("%s", problem)
+
     def _failed(self, message: str, retry_after_s: float | None) -> float:
         self.consecutive_failures += 1
         delay = self._backoff.next_delay()
@@ -136,7 +153,11 @@ class EventWatcher(threading.Thread):
             # Honoured, but never beyond the cap: missing an eviction notice
             # costs more than a few extra requests to a throttled IMDS.
             delay = max(delay, min(retry_after_s, self._backoff.cap_s))
-        level = logging.WARNING if self.consecutive_failures == 1 else logging.INFO
+        now = time.monotonic()
+        level = logging.DEBUG
+        if now >= self._next_failure_warning:
+            level = logging.WARNING
+            self._next_failure_warning = now + FAILURE_WARNING_EVERY_S
         log.log(level, "scheduled events poll failed (%d in a row), retrying in %.1fs: %s",
                 self.consecutive_failures, delay, message)
         return delay

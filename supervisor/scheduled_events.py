@@ -37,6 +37,8 @@ class ScheduledEvent:
 class EventsDocument:
     incarnation: int
     events: tuple[ScheduledEvent, ...]
+    # One line per event that could not be read (skipped) or read only in part; the rest still counts.
+    problems: tuple[str, ...] = ()
 
 
 def parse_document(raw: bytes | str) -> EventsDocument:
@@ -49,10 +51,21 @@ def parse_document(raw: bytes | str) -> EventsDocument:
     events = data.get("Events")
     if not isinstance(events, list):
         raise ImdsError(f"scheduled events: Events must be a list, got {events!r:.80}")
-    return EventsDocument(incarnation=incarnation, events=tuple(_parse_event(i, e) for i, e in enumerate(events)))
+    # One event that cannot be read must not hide the others (a Preempt for this VM beside a
+    # malformed event for a neighbour): each is read on its own.
+    parsed: list[ScheduledEvent] = []
+    problems: list[str] = []
+    for index, item in enumerate(events):
+        try:
+            parsed.append(_parse_event(index, item, problems))
+        except ImdsError as exc:
+            problems.append(f"{exc}; event skipped")
+    return EventsDocument(incarnation=incarnation, events=tuple(parsed), problems=tuple(problems))
 
 
-def _parse_event(index: int, item: Any) -> ScheduledEvent:
+def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
+    """Raises ImdsError when a field that decides what to do cannot be read; the others fall back to
+    a default, with a line in `problems`."""
     where = f"scheduled events: Events[{index}]"
     if not isinstance(item, dict):
         raise ImdsError(f"{where}: expected an object, got {item!r:.80}")
@@ -64,19 +77,28 @@ def _parse_event(index: int, item: Any) -> ScheduledEvent:
             return default
         value = item[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
+            if default is None:
+                raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
+            problems.append(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}; read as {default!r}")
+            return default
         return value
 
     event_id = field("EventId", str)
+    where = f"{where} ({event_id})"
     resources = field("Resources", list)
     if not all(isinstance(r, str) for r in resources):
         raise ImdsError(f"{where}: Resources must be a list of strings, got {resources!r:.80}")
+    try:
+        not_before = _parse_not_before(where, field("NotBefore", str))
+    except ImdsError as exc:  # read as "no NotBefore": drained for at once, the careful reading
+        problems.append(f"{exc}; read as due now")
+        not_before = None
     return ScheduledEvent(
         event_id=event_id,
         event_type=field("EventType", str),
         status=field("EventStatus", str),
         resources=tuple(resources),
-        not_before=_parse_not_before(where, field("NotBefore", str)),
+        not_before=not_before,
         source=field("EventSource", str, ""),
         duration_s=field("DurationInSeconds", int, -1),
         description=field("Description", str, ""),

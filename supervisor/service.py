@@ -7,6 +7,7 @@ import logging
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
 from supervisor.config import SupervisorSettings, load_supervisor_settings
+from supervisor.cost import CostTracker
 from supervisor.event_watcher import EventWatcher
 from supervisor.planning import VmFacts, make_plan, read_vm_facts
 from supervisor.scheduled_events import AzureScheduledEvents
@@ -45,7 +46,16 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     if settings.events.source == "azure":
         source = AzureScheduledEvents(settings.events.endpoint, settings.events.request_timeout_s)
         events = EventWatcher(source, settings.events, facts.vm_name)
-    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload, events=events)
+    cost = CostTracker(settings.cost.prices_endpoint, is_spot=facts.instance is None or facts.instance.is_spot)
+    arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload, events=events,
+                      exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)))
+    if settings.cost.enabled:
+        arbiter.metrics.observe_cost(cost, lambda: arbiter.totals().get("succeeded", 0))
+        if facts.instance is not None:
+            cost.fetch_in_background(facts.instance.vm_size, facts.instance.location)
+        else:
+            log.info("cost: no VM size and region without instance metadata: no prices this run "
+                     "(spot-supervisor prices --sku S --region R works anywhere)")
     try:
         return arbiter.run()
     finally:

@@ -39,6 +39,8 @@ class WorkerHandle:
     ready: bool = False
     retiring: bool = False  # draining: not respawned when it exits
     stats: dict[str, Any] = field(default_factory=dict)
+    last_heard: float = 0.0  # time.time() of its last message: stats come every second, a heartbeat
+    unresponsive: bool = False  # killed for silence
 
 
 @dataclass
@@ -73,6 +75,7 @@ class WorkerPool:
         self.drain_state: DrainInProgress | None = None  # set and cleared by the Arbiter
         self.exit_code: int | None = None
         self.settled = Settled()
+        self.reload_pending = False  # a SIGHUP came while a generation was starting: reload once it is ready
 
     def own_fds(self) -> list[int]:
         """The supervisor's own descriptors, closed in every child."""
@@ -84,6 +87,8 @@ class WorkerPool:
     def manage_workers(self) -> None:
         if self.drain_state is not None:
             return
+        if self.reload_pending and not self.generation_starting():
+            self.reload()
         now = time.time()
         active_slots = {w.slot for w in self.workers.values() if not w.retiring and w.generation == self.generation}
         for slot in range(self.target):
@@ -98,13 +103,15 @@ class WorkerPool:
         inherited = [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
         inherited += [parent_end.fileno(), *self.own_fds()]
         supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
+        gpu = self.plan.gpu_for_slot(slot)  # by slot: a respawned worker gets its slot's GPU back
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes)
+            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, gpu)
         child_end.close()
-        self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), time.time())
+        now = time.time()
+        self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), now, last_heard=now)
         self.respawn_at.pop(slot, None)
-        log.info("spawned worker %d (slot %d, %d thread(s))", pid, slot, self.plan.threads)
+        log.info("spawned worker %d (slot %d, %s%d thread(s))", pid, slot, f"{gpu.describe()}, " if gpu else "", self.plan.threads)
 
     def read_channels(self) -> None:
         for handle in list(self.workers.values()):
@@ -113,6 +120,7 @@ class WorkerPool:
 
     def on_worker_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         kind = message["kind"]
+        handle.last_heard = time.time()
         if kind == Kind.READY:
             handle.ready = True
             if handle.generation == self.generation:
@@ -148,6 +156,8 @@ class WorkerPool:
     def on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         described = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if handle.unresponsive:
+            described += ", killed for not answering"
         if code == os.EX_CONFIG:
             if handle.generation == self.generation and self.exit_code is None:
                 log.error("worker %d exited with 78 (configuration)", handle.pid)
@@ -164,10 +174,30 @@ class WorkerPool:
         self.metrics.record_worker_respawn(described)
         log.warning("worker %d died (%s) after %.1fs; respawning slot %d in %.1fs", handle.pid, described, lived, handle.slot, delay)
 
+    def check_liveness(self) -> None:
+        """A ready worker that sends nothing (stopped, or stuck without the GIL) is killed, then replaced
+        like any crashed one; what it held reappears after its lease."""
+        timeout = self.settings.scaling.worker_timeout_s
+        # A draining worker's loop gives its messages back, one queue call at a time, which may take long while
+        # the queue fails: it gets its drain time on top.
+        draining_timeout = timeout + self.settings.shutdown.drain_timeout_s + self.settings.shutdown.kill_grace_s
+        now = time.time()
+        for handle in self.workers.values():
+            silent = now - handle.last_heard
+            if handle.ready and not handle.unresponsive and silent > (draining_timeout if handle.retiring else timeout):
+                handle.unresponsive = True
+                log.error("worker %d sent nothing for %.1fs (scaling.worker_timeout_s %.0f): killing it",
+                          handle.pid, silent, timeout)
+                self.kill_worker(handle.pid, signal.SIGKILL)
+
     def scale(self, target: int) -> None:
         if self.drain_state is not None:
             return
-        target = max(1, target)
+        target = max(1, min(target, self.settings.scaling.max_workers))
+        if target == self.target:
+            log.info("scaling: staying at %d worker(s) (at least 1, at most scaling.max_workers %d)",
+                     target, self.settings.scaling.max_workers)
+            return
         log.info("scaling workers %d -> %d", self.target, target)
         self.target = target
         for handle in list(self.workers.values()):
@@ -178,9 +208,20 @@ class WorkerPool:
         handle.retiring = True
         handle.channel.send(Kind.DRAIN, deadline=deadline)
 
+    def generation_starting(self) -> bool:
+        """A reload's workers are not all ready yet (the ones before them still run, not yet retired)."""
+        return any(w.generation < self.generation and not w.retiring for w in self.workers.values())
+
     def reload(self) -> None:
         if self.reload_settings is None or self.drain_state is not None:
             return
+        if self.generation_starting():
+            # Coalesced: at most one generation starts at a time, however many SIGHUPs arrive meanwhile.
+            if not self.reload_pending:
+                log.info("SIGHUP: the last reload's workers are still starting; reloading again once they are ready")
+            self.reload_pending = True
+            return
+        self.reload_pending = False
         try:
             settings, plan = self.reload_settings()
         except Exception as exc:  # a bad edit must not take the running service down
@@ -251,7 +292,7 @@ class WorkerPool:
 
     def totals(self) -> dict[str, int]:
         totals = dict(self.settled.totals)
-        for handle in self.workers.values():
+        for handle in list(self.workers.values()):  # a copy: the metrics thread reads the totals too
             for key in ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost"):
                 totals[key] = totals.get(key, 0) + int(handle.stats.get(key, 0))
         return totals

@@ -22,7 +22,7 @@ from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import IMPORT_DELAY_ENV, IMPORTED_ENV, RECORD_ENV, read_json_lines, read_records, succeeded_ids
-from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, run_plan
 from testsupport.waiting import wait_until
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -206,15 +206,6 @@ def fake_cgroup(tmp_path: Path, cpu_max: str) -> dict[str, str]:
     proc_self = tmp_path / "proc-self-cgroup"
     proc_self.write_text("0::/app.slice\n")
     return {"SPOT_CGROUP_ROOT": str(root), "SPOT_PROC_SELF_CGROUP": str(proc_self)}
-
-
-def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
-             preexec_fn: Callable[[], None] | None = None) -> dict[str, Any]:
-    sup = start(env, "plan", "--json", preexec_fn=preexec_fn)
-    assert sup.wait(20) == 0, sup.log()
-    assert sup.proc.stdout is not None
-    plan: dict[str, Any] = json.loads(sup.proc.stdout.read())
-    return plan
 
 
 def test_plan_follows_cgroup_quota_and_affinity(azurite: Azurite, tmp_path: Path,
@@ -467,7 +458,65 @@ def visible_ids_peek(queue: QueueClient) -> list[str]:
     return [m.id for m in queue.peek_messages(max_messages=32)]
 
 
-# --- 12. the development tools stay out of the service ---------------------------------------------------
+# --- 12. limits and liveness (issue 16) ---------------------------------------------------------------------
+
+
+def test_sighups_are_coalesced_so_one_generation_starts_at_a_time(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                                   tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2")
+    env[IMPORT_DELAY_ENV] = "1.0"  # a slow handler import: each generation takes a second to be ready
+    sup = supervisors(env)
+    wait_until(lambda: "ready:" in sup.log(), 15, "the first workers to be ready")
+    most = 0
+    for _ in range(20):  # 20 SIGHUPs in 5 s
+        sup.send(signal.SIGHUP)
+        for _ in range(5):
+            most = max(most, len(sup.worker_pids()))
+            time.sleep(0.05)
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        most = max(most, len(sup.worker_pids()))
+        time.sleep(0.05)
+    # At most the running generation, one starting and one draining: 3 x 2 workers (42 before coalescing).
+    assert most <= 6, f"{most} workers at once"
+    sup.wait_for_workers(2, timeout=30)
+    assert "reloading again once they are ready" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+
+
+def test_ttin_never_goes_past_max_workers(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                          tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1", scaling_max_workers="3"))
+    sup.wait_for_workers(1)
+    for _ in range(10):
+        sup.send(signal.SIGTTIN)
+        time.sleep(0.05)
+    three = sup.wait_for_workers(3)
+    time.sleep(1.5)
+    assert sup.worker_pids() == three
+    assert "at most scaling.max_workers 3" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+
+
+def test_a_worker_that_stops_answering_is_killed_and_replaced(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1",
+                           scaling_worker_timeout_s="2"))
+    wait_until(lambda: "ready:" in sup.log(), 15, "the worker to be ready")
+    [stuck] = sup.wait_for_workers(1)
+    os.kill(stuck, signal.SIGSTOP)  # alive, but answers nothing
+    wait_until(lambda: f"worker {stuck} sent nothing for" in sup.log(), 10, "the silent worker to be noticed")
+    [replacement] = wait_until(lambda: (pids := sup.worker_pids() - {stuck}) and pids, 10, "a replacement worker")
+    assert not psutil.pid_exists(stuck) or psutil.Process(stuck).status() == psutil.STATUS_ZOMBIE
+    assert "killed for not answering" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+    assert replacement != stuck
+
+
+# --- 13. the development tools stay out of the service ---------------------------------------------------
 
 
 def test_run_never_imports_the_imds_simulator(azurite: Azurite, queue_name: str,

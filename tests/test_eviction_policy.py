@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
+from supervisor import eviction
 from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
 from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
 from supervisor.scheduled_events import (
@@ -180,18 +181,36 @@ def test_cancelled_before_not_before_resumes() -> None:
     assert p.observe(doc(3), NOT_BEFORE - 0.5) == []
 
 
-def test_disappearing_after_not_before_is_completion_not_cancellation() -> None:
+def test_disappearing_after_not_before_while_still_running_resumes() -> None:
+    # Issue 16 defect 7: this process is alive, so the VM was not evicted: it must not hold forever.
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    assert p.observe(doc(2), NOT_BEFORE + 1) == []
-    assert p.observe(doc(3, event("E1")), NOT_BEFORE + 2) == []  # a finished event never drains again
+    (withdrawn,) = p.observe(doc(2), NOT_BEFORE + 1)
+    assert withdrawn == NoticeWithdrawn("E1", withdrawn.reason) and "still running" in withdrawn.reason
 
 
-def test_disappearing_after_it_started_is_not_a_cancellation() -> None:
+def test_disappearing_after_it_started_while_still_running_resumes() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    p.observe(doc(2, event("E1", status="Started", not_before=None)), NOW + 1)
-    assert p.observe(doc(3), NOW + 2) == []
+    assert p.observe(doc(2, event("E1", status="Started", not_before=None)), NOW + 1) == []
+    (withdrawn,) = p.observe(doc(3), NOW + 2)
+    assert isinstance(withdrawn, NoticeWithdrawn) and withdrawn.event_id == "E1"
+
+
+def test_an_older_document_is_ignored() -> None:
+    p = policy()
+    p.observe(doc(5, event("E1")), NOW)
+    for i in range(4):  # a stale IMDS answer flapping with the current one
+        assert p.observe(doc(4), NOW + 1 + i) == []
+        assert p.observe(doc(5, event("E1")), NOW + 1.5 + i) == []
+
+
+def test_an_older_numbering_that_stays_is_taken_as_restarted() -> None:
+    p = policy()
+    p.observe(doc(50), NOW)
+    assert p.observe(doc(1, event("E1")), NOW + 1) == []
+    (notice,) = p.observe(doc(1, event("E1")), NOW + 1 + eviction.OLDER_INCARNATION_ACCEPTED_AFTER_S)
+    assert isinstance(notice, EvictionNotice)
 
 
 def test_a_cancelled_event_that_comes_back_drains_again() -> None:

@@ -96,16 +96,42 @@ def _doc_with(**changes: object) -> str:
     b"", b"not json", b"\xff\xfe", b"[]", b"null", b'"text"',
     b'{"Events": []}', b'{"DocumentIncarnation": 1}', b'{"DocumentIncarnation": "1", "Events": []}',
     b'{"DocumentIncarnation": true, "Events": []}', b'{"DocumentIncarnation": 1.5, "Events": []}',
-    b'{"DocumentIncarnation": 1, "Events": {}}', b'{"DocumentIncarnation": 1, "Events": ["x"]}',
-    _doc_with(EventId=...), _doc_with(EventId=7), _doc_with(EventType=...), _doc_with(EventStatus=None),
-    _doc_with(Resources="vm"), _doc_with(Resources=[1]), _doc_with(Resources=...), _doc_with(NotBefore=...),
-    _doc_with(NotBefore="tomorrow"), _doc_with(NotBefore=0), _doc_with(DurationInSeconds="5"),
-    _doc_with(EventSource=1),
+    b'{"DocumentIncarnation": 1, "Events": {}}',
 ], ids=repr)
 def test_parse_rejects_garbage(raw: bytes | str) -> None:
     with pytest.raises(ImdsError) as excinfo:
         parse_document(raw)
     assert "\n" not in str(excinfo.value)
+
+
+OTHER_VMS_EVENT = {**GOOD_EVENT, "EventId": "other", "Resources": ["vm-2"]}
+
+
+@pytest.mark.parametrize("bad", [
+    "x", {**OTHER_VMS_EVENT, "EventId": 7}, {k: v for k, v in OTHER_VMS_EVENT.items() if k != "EventType"},
+    {**OTHER_VMS_EVENT, "EventStatus": None}, {**OTHER_VMS_EVENT, "Resources": "vm"},
+    {**OTHER_VMS_EVENT, "Resources": [1]}, {k: v for k, v in OTHER_VMS_EVENT.items() if k != "Resources"},
+], ids=repr)
+def test_an_unreadable_event_is_skipped_and_the_others_still_count(bad: object) -> None:
+    # Issue 16 defect 4: one bad event rejected the whole document, hiding a Preempt for this VM.
+    doc = parse_document(json.dumps({"DocumentIncarnation": 3, "Events": [bad, GOOD_EVENT]}))
+    assert [e.event_id for e in doc.events] == ["x"]
+    assert len(doc.problems) == 1 and "Events[0]" in doc.problems[0] and "skipped" in doc.problems[0]
+    assert "\n" not in doc.problems[0]
+
+
+@pytest.mark.parametrize(("change", "read_as"), [
+    ({"DurationInSeconds": 7.5}, ("duration_s", -1)), ({"DurationInSeconds": "5"}, ("duration_s", -1)),
+    ({"EventSource": 1}, ("source", "")), ({"Description": None}, ("description", "")),
+    ({"NotBefore": "tomorrow"}, ("not_before", None)), ({"NotBefore": 0}, ("not_before", None)),
+    ({"NotBefore": ...}, ("not_before", None)),
+], ids=repr)
+def test_an_event_with_an_unreadable_detail_is_kept_with_a_default(change: dict[str, object],
+                                                                     read_as: tuple[str, object]) -> None:
+    event = {k: v for k, v in {**GOOD_EVENT, **change}.items() if v is not ...}
+    doc = parse_document(json.dumps({"DocumentIncarnation": 3, "Events": [event]}))
+    assert len(doc.problems) == 1 and "\n" not in doc.problems[0]
+    assert getattr(doc.events[0], read_as[0]) == read_as[1]
 
 
 def test_parse_tolerates_missing_optional_fields() -> None:

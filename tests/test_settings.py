@@ -299,3 +299,93 @@ def test_plan_imports_no_consumer_code(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stderr, result.stderr
+
+
+# -- numbers: finite and bounded, so nothing overflows later (issue 16, defect 8) ----------------
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    return [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.type in (float, "float")]
+
+
+def test_there_are_float_keys_to_check() -> None:
+    assert ("events", "poll_interval_s") in _float_keys() and ("shutdown", "drain_timeout_s") in _float_keys()
+
+
+@pytest.mark.parametrize(("section", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+def test_every_float_key_refuses_infinite_and_huge_values(tmp_path: Path, section: str, key: str, value: str) -> None:
+    exc = config_error(tmp_path, **{f"SPOT_{section}_{key}".upper(): value})
+    assert exc.key.startswith(f"{section}.{key}"), exc
+    assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("toml", ["[shutdown]\ndrain_timeout_s = inf\n", "[events]\npoll_interval_s = nan\n",
+                                  "[scaling.sku.Standard_D2s_v3]\nrespawn_delay_max_s = 1e300\n"])
+def test_toml_infinities_are_refused_too(tmp_path: Path, toml: str) -> None:
+    exc = config_error(tmp_path, toml)
+    assert "\n" not in str(exc) and exc.key.split(".")[0] in ("shutdown", "events", "scaling")
+
+
+def test_the_bounds_leave_room_for_real_values(tmp_path: Path) -> None:
+    s = load(tmp_path, SPOT_SHUTDOWN_DRAIN_TIMEOUT_S="3600", SPOT_EVENTS_POLL_INTERVAL_S="0.25",
+             SPOT_STARTUP_PROVISIONING_TIMEOUT_S="7200", SPOT_QUEUE_RETRY_DELAY_MAX_S="86400")
+    assert (s.shutdown.drain_timeout_s, s.events.poll_interval_s) == (3600.0, 0.25)
+
+
+# -- connection strings the Storage SDK would reject in every worker -----------------------------
+
+AZURITE_STYLE = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+                 "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;")
+
+
+@pytest.mark.parametrize("text", [
+    "UseDevelopmentStorage=true",
+    AZURITE_STYLE,
+    "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;EndpointSuffix=core.windows.net",
+    "QueueEndpoint=https://acct.queue.core.windows.net/;SharedAccessSignature=sv=2022-11-02&sig=abc%3D",
+])
+def test_connection_strings_accepted(tmp_path: Path, text: str) -> None:
+    assert load(tmp_path, SPOT_QUEUE_CONNECTION_STRING=text).queue.connection_string == text
+
+
+@pytest.mark.parametrize("text", [
+    "not a connection string",
+    "AccountName=acct;garbage",
+    "AccountKey=a2V5",                                       # no account
+    "AccountName=acct",                                      # no credential
+    "AccountName=acct;AccountKey=not base64!",
+    "DefaultEndpointsProtocol=ftp;AccountName=acct;AccountKey=a2V5",
+    "QueueEndpoint=acct.queue.core.windows.net;SharedAccessSignature=sig",
+])
+def test_connection_strings_refused_at_load(tmp_path: Path, text: str) -> None:
+    exc = config_error(tmp_path, SPOT_QUEUE_CONNECTION_STRING=text)
+    assert_one_line_naming(exc, "queue.connection_string")
+    assert text not in str(exc)  # it may hold a key
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_unparseable_connection_string_exits_78_not_a_crash_loop(tmp_path: Path, command: str) -> None:
+    result = subprocess.run([*COMMANDS[command], str(DEFAULT_TOML)], cwd=tmp_path, capture_output=True, text=True,
+                            env=_clean_env(SPOT_QUEUE_CONNECTION_STRING="AccountName=acct;garbage"), timeout=30)
+    assert result.returncode == EX_CONFIG, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "queue.connection_string" in lines[0], result.stderr
+
+
+# -- a handler module that calls sys.exit() while being imported ---------------------------------
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_handler_calling_sys_exit_at_import_exits_78(tmp_path: Path, command: str) -> None:
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(3)\n\ndef handle(message, ctx):\n    pass\n")
+    env = _clean_env(SPOT_QUEUE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                     "AccountKey=a2V5;QueueEndpoint=http://127.0.0.1:9/devstoreaccount1;",
+                     SPOT_WORKLOAD_HANDLER="exits_at_import:handle", SPOT_SCALING_WORKERS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    result = subprocess.run([*COMMANDS[command], str(DEFAULT_TOML)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "workload.handler" in result.stderr and "sys.exit(3)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

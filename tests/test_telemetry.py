@@ -224,3 +224,21 @@ def test_set_up_after_fork_exports_from_the_child(ingestion: Ingestion) -> None:
     parent.shutdown()
     assert parent_instance in ingestion.role_instances()
     assert "spot.worker.respawns" in ingestion.metric_names()
+
+
+def test_gpu_of_a_worker_is_on_its_spans_and_metric_points(ingestion: Ingestion) -> None:
+    from supervisor.gpus import Gpu, gpu_attributes
+
+    gpu = gpu_attributes(Gpu(2, "GPU-5b1c2d3e-aaaa-bbbb-cccc-000000000002", "NVIDIA H100 NVL", 95830))
+    settings = TelemetrySettings(connection_string=ingestion.connection_string, service_name="spot-test")
+    telemetry = setup_telemetry(settings, "worker", {"spot.worker.index": "2", **gpu}, point_attributes=gpu)
+    try:
+        exercise(telemetry)
+    finally:
+        telemetry.shutdown()
+    requests = ingestion.of_type("RequestData")
+    assert requests and all(r["properties"]["spot.gpu.uuid"] == gpu["spot.gpu.uuid"] for r in requests)
+    points = [m for m in ingestion.of_type("MetricData") if m["metrics"][0]["name"] == "spot.messages.processed"]
+    assert points and all(p["properties"]["spot.gpu.index"] == "2" and "outcome" in p["properties"] for p in points)
+    resource = next(m["properties"] for m in ingestion.of_type("MetricData") if m["metrics"][0]["name"] == "_OTELRESOURCE_")
+    assert resource["spot.gpu.name"] == "NVIDIA H100 NVL"

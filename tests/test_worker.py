@@ -36,6 +36,7 @@ from testsupport.waiting import wait_until
 from worker.consumer import Consumer, Shared, release_pending
 from worker.lease import Lease
 from worker.message import Codec, Envelope
+from worker.poisoned import read_poisoned
 from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
@@ -95,6 +96,11 @@ def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
         if not runtime.idle():
             runtime.abandon()
         runtime.close()
+
+
+def poisoned_originals(client: QueueClient) -> list[str]:
+    """The original text of every message in a poison queue (up to 32), without the note in front of it."""
+    return [read_poisoned(text)[0] for text in peek_texts(client)]
 
 
 def peek_texts(client: QueueClient) -> list[str]:
@@ -185,7 +191,13 @@ def test_failures_retry_with_growing_delay_then_poison_the_original(
     runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=3, retry_delay_s=1.0))
 
     wait_until(lambda: len(peek_texts(poison)) == 2, 15, what="both messages in the poison queue")
-    assert sorted(peek_texts(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
+    assert sorted(poisoned_originals(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
+    notes = {note.message_id: note for note in (read_poisoned(t)[1] for t in peek_texts(poison)) if note is not None}
+    assert set(notes) == {plain.id, checkpointed.id}
+    why = "handler failed 3 times (max_dequeue_count 3); last: RuntimeError: failing on purpose (attempt 3)"
+    assert {(n.reason, n.dequeue_count) for n in notes.values()} == {(why, 3)}
+    assert notes[plain.id].inserted_on is not None and plain.inserted_on is not None
+    assert datetime.fromisoformat(notes[plain.id].inserted_on) == plain.inserted_on
     assert message_count(queue) == 0
     assert message_count(poison) == 2
     attempts = by_id(read_records(record_path, "start"))
@@ -325,7 +337,10 @@ def test_base64_messages_checkpoints_and_undecodable_poison(azurite: Azurite, qu
     assert {s["body"] for s in starts} == {text, checkpointed}  # the undecodable ones never reached the handler
     resumed = [s for s in starts if s["body"] == checkpointed and s["dequeue_count"] == 2]
     assert [s["state"] for s in resumed] == [{"k": "välue ✓"}]  # checkpoint round-tripped through base64
-    assert sorted(peek_texts(poison)) == sorted(raw[1:])
+    assert sorted(poisoned_originals(poison)) == sorted(raw[1:])
+    reasons = sorted(note.reason for note in (read_poisoned(t)[1] for t in peek_texts(poison)) if note is not None)
+    assert [r.partition(";")[0].partition(":")[0] for r in reasons] == [
+        "handler failed 1 times (max_dequeue_count 1)", "undecodable (base64)", "undecodable (base64)"], reasons
     assert runtime.stats()["poisoned"] == 3 and runtime.stats()["succeeded"] == 1
 
 
@@ -490,7 +505,7 @@ def test_a_handler_calling_sys_exit_fails_the_message_not_the_consumer(
     runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=1))
     poison = azurite.queue(f"{queue_name}-poison")
     wait_until(lambda: runtime.stats()["poisoned"] == 1, 10, what="the message to be poisoned")
-    assert peek_texts(poison) == [json.dumps({"exit": 3})]
+    assert poisoned_originals(poison) == [json.dumps({"exit": 3})]
     queue.send_message(json.dumps({"n": 1}))
     wait_until(lambda: runtime.stats()["succeeded"] == 1, 10, what="the same consumer to go on")
     assert not runtime.crashed()

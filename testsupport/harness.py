@@ -6,6 +6,7 @@ process group: no worker outlives a test, whatever it asserted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -29,15 +31,25 @@ def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
     """Environment for a child process (worker or supervisor) aimed at the test Azurite.
 
     `spot` items become SPOT_<KEY> variables (queue_name="x" -> SPOT_QUEUE_NAME=x).
-    events.source is "none" unless a test says otherwise: the real IMDS address
-    is never contacted from tests. The repo is on PYTHONPATH, so workers can
-    import testsupport.handlers.
+    events.source is "none" and cost.enabled false unless a test says otherwise: the real IMDS
+    address and the public Retail Prices API are never contacted from tests. The repo is on
+    PYTHONPATH, so workers can import testsupport.handlers.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
     env.update({"SPOT_QUEUE_CONNECTION_STRING": azurite.connection_string, "SPOT_EVENTS_SOURCE": "none",
-                "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+                "SPOT_COST_ENABLED": "false", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
     env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
     return env
+
+
+def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
+             preexec_fn: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`spot-supervisor plan --json` through `start` (the `supervisors` fixture); its JSON."""
+    sup = start(env, "plan", "--json", preexec_fn=preexec_fn)
+    assert sup.wait(20) == 0, sup.log()
+    assert sup.proc.stdout is not None
+    plan: dict[str, Any] = json.loads(sup.proc.stdout.read())
+    return plan
 
 
 class Supervisor:

@@ -23,7 +23,6 @@ from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78
 STATS_INTERVAL_S = 1.0
 
 
@@ -56,8 +55,8 @@ class WorkerProcess:
             runtime = WorkerRuntime(self.settings, self.telemetry, self.threads)
         except HandlerImportError as exc:
             log.error("%s", exc)
-            self._send(Kind.FATAL, code=EX_CONFIG, error=str(exc))
-            return EX_CONFIG
+            self._send(Kind.FATAL, code=os.EX_CONFIG, error=str(exc))
+            return os.EX_CONFIG
         runtime.start()
         self._send(Kind.READY, threads=self.threads)
         try:

@@ -11,8 +11,11 @@ the two in step.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -29,8 +32,10 @@ else:  # pragma: no cover
 ENV_PREFIX = "SPOT_"
 MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
 # Sections only `spot-supervisor` reads (supervisor/config.py); `python -m worker` accepts them unread.
-SUPERVISOR_SECTIONS = ("scaling", "events", "startup")
+SUPERVISOR_SECTIONS = ("scaling", "events", "startup", "cost")
 
 
 class ConfigError(Exception):
@@ -211,6 +216,8 @@ def coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # inf would overflow every sleep and timeout it reaches
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -232,6 +239,15 @@ def require(condition: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
+def require_between(value: float, key: str, low: float, high: float, *, low_inclusive: bool = True, note: str = "") -> None:
+    """low <= value <= high (low < value without low_inclusive). Every number has an upper bound,
+    so that a huge value cannot overflow a sleep or a timeout later."""
+    if (value >= low if low_inclusive else value > low) and value <= high:
+        return
+    allowed = f"between {low:g} and {high:g}" if low_inclusive else f"greater than {low:g} and at most {high:g}"
+    raise ConfigError(key, f"must be {allowed}{note}, got {value:g}")
+
+
 def validate(s: Settings, require_queue: bool = True) -> None:
     """The worker's sections. require_queue=False is for commands that never touch the queue (`plan`)."""
     q = s.queue
@@ -250,19 +266,53 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     require(q.max_dequeue_count >= 1, "queue.max_dequeue_count", f"must be at least 1, got {q.max_dequeue_count}")
     require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
             f"must be one of: none, base64; got {q.message_encoding!r}")
-    require(q.prefetch_s >= 0, "queue.prefetch_s", f"must be 0 (always batch_size) or more, got {q.prefetch_s}")
-    for key in ("retry_delay_s", "retry_delay_max_s", "idle_poll_max_s", "request_timeout_s"):
-        require(getattr(q, key) > 0, f"queue.{key}", f"must be greater than 0, got {getattr(q, key)}")
+    require_between(q.prefetch_s, "queue.prefetch_s", 0, HOUR_S, note=" (0 = always batch_size)")
+    require_between(q.retry_delay_s, "queue.retry_delay_s", 0, MAX_VISIBILITY_TIMEOUT_S, low_inclusive=False)
+    require_between(q.retry_delay_max_s, "queue.retry_delay_max_s", 0, MAX_VISIBILITY_TIMEOUT_S, low_inclusive=False)
+    require_between(q.idle_poll_max_s, "queue.idle_poll_max_s", 0, HOUR_S, low_inclusive=False)
+    require_between(q.request_timeout_s, "queue.request_timeout_s", 0, HOUR_S, low_inclusive=False)
+    problem = connection_string_problem(q.connection_string) if q.connection_string else None
+    require(problem is None, "queue.connection_string", f"{problem} (the secret itself is not shown)")
 
     w = s.workload
     require(_valid_handler_ref(w.handler), "workload.handler",
             f"must look like 'package.module:function', got {w.handler!r}")
     require(w.mode in ("scale-out", "scale-up"), "workload.mode", f"must be one of: scale-out, scale-up; got {w.mode!r}")
 
-    require(s.shutdown.drain_timeout_s > 0, "shutdown.drain_timeout_s", f"must be greater than 0, got {s.shutdown.drain_timeout_s}")
-    require(s.shutdown.kill_grace_s >= 0, "shutdown.kill_grace_s", f"must be 0 or more, got {s.shutdown.kill_grace_s}")
+    require_between(s.shutdown.drain_timeout_s, "shutdown.drain_timeout_s", 0, DAY_S, low_inclusive=False)
+    require_between(s.shutdown.kill_grace_s, "shutdown.kill_grace_s", 0, HOUR_S)
     require(s.telemetry.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "telemetry.log_level",
             f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
+
+
+def connection_string_problem(text: str) -> str | None:
+    """Why the Storage SDK would reject this connection string (in every worker, at every start), or None.
+
+    The SDK's own rules: `Key=Value` pairs separated by ";"; UseDevelopmentStorage=true alone suffices;
+    otherwise an account name or a QueueEndpoint, and an AccountKey (base64) or a SharedAccessSignature."""
+    pairs = [part.split("=", 1) for part in text.strip().rstrip(";").split(";")]
+    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        return "is not a list of Key=Value pairs separated by ';'"
+    values = {key.strip().upper(): value.strip() for key, value in pairs}
+    if values.get("USEDEVELOPMENTSTORAGE") == "true":
+        return None
+    endpoint = values.get("QUEUEENDPOINT", "")
+    if endpoint and not (endpoint.startswith(("https://", "http://")) and endpoint.split("://", 1)[1].strip("/")):
+        return "QueueEndpoint must be an http(s) URL"
+    if values.get("DEFAULTENDPOINTSPROTOCOL", "https") not in ("http", "https"):
+        return "DefaultEndpointsProtocol must be http or https"
+    if not (values.get("ACCOUNTNAME") or endpoint):
+        return "has neither AccountName nor QueueEndpoint"
+    if "ACCOUNTKEY" in values:
+        if not values.get("ACCOUNTNAME"):
+            return "has an AccountKey but no AccountName"
+        try:
+            base64.b64decode(values["ACCOUNTKEY"], validate=True)
+        except (binascii.Error, ValueError):
+            return "AccountKey is not base64"
+    elif not values.get("SHAREDACCESSSIGNATURE"):
+        return "has neither AccountKey nor SharedAccessSignature"
+    return None
 
 
 _QUEUE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # ASCII only: str.islower() accepts "ö"
