@@ -12,9 +12,9 @@ mkdir -p bench/results
 
 if [ "${1:-}" = "--quick" ]; then
   throughput=(--scale 0.3 --repeat 1); scaling=(--messages 200 --repeat 1)
-  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10)
+  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10); program=(--repeat 1)
 else
-  throughput=(); scaling=(); eviction=(); chaos=()
+  throughput=(); scaling=(); eviction=(); chaos=(); program=()
 fi
 
 run() {  # run <name> <module> [args...]: print and keep the output; a failing benchmark fails the whole run
@@ -29,4 +29,5 @@ run scaling scaling "${scaling[@]}"
 run eviction_timing eviction_timing "${eviction[@]}"
 run chaos chaos "${chaos[@]}"
 run chaos_celery chaos --tool celery --mode kill --json bench/results/chaos_celery.json "${chaos[@]}"
+run program_overhead program_overhead "${program[@]}"
 "$py" -m bench.plots
