@@ -319,7 +319,7 @@ def bodies(client: Any | None) -> list[str]:
             page = list(client.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=600))
             if not page:
                 return out
-            out.extend(codec.open(m.content or "")[1] for m in page)  # checkpointed ones are envelopes
+            out.extend(codec.open(m.content or "", m.id)[1] for m in page)  # checkpointed ones are envelopes
     except ResourceNotFoundError:
         return out
 

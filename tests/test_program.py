@@ -78,7 +78,7 @@ def read_pids(path: Path) -> list[int] | None:
 def stored_state(queue: QueueClient) -> list[object]:
     """The checkpoint each visible message carries (peek: nothing is received)."""
     codec = Codec("none")
-    return [codec.open(m.content)[0].state for m in queue.peek_messages(max_messages=32)]
+    return [codec.open(m.content, m.id)[0].state for m in queue.peek_messages(max_messages=32)]
 
 
 def poisoned_bodies(poison: QueueClient) -> list[str]:

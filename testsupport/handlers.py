@@ -14,6 +14,10 @@ record the attempt and succeed):
     fail_until      raise RuntimeError while dequeue_count <= this
     fail            always raise RuntimeError
     exit            raise SystemExit with this code
+    hold_gil_s      after `checkpoint`, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
+                    as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
+                    (default: every attempt)
+    burn_gil_s      after `checkpoint`, compute this long in one C call that never releases the GIL
 
 Every event of every attempt ("start" with `draining` and `state`, "checkpoint",
 "end" with `outcome` succeeded | interrupted | failed) is one JSON line,
@@ -28,6 +32,7 @@ importing pid to the file $TEST_HANDLER_IMPORTED, if set.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -76,6 +81,12 @@ def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..
     ignore_drain = bool(spec.get("ignore_drain"))
     if "checkpoint" in spec and ctx.state is None:
         emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
+    if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
+        ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
+        emit("held_gil", seconds=float(spec["hold_gil_s"]))
+    if "burn_gil_s" in spec:
+        _burn_holding_the_gil(float(spec["burn_gil_s"]))
+        emit("burned_gil", seconds=float(spec["burn_gil_s"]))
     if "big_checkpoint" in spec:
         try:
             ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})
@@ -120,7 +131,7 @@ def _pause(seconds: float, ctx: Context, ignore_drain: bool) -> None:
 def _spec(body: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any other body: record the attempt and succeed
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -145,7 +156,7 @@ def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     a last line without its newline is not written yet.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # a partial last character: dropped below
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
@@ -158,3 +169,12 @@ def read_records(path: str | os.PathLike[str], event: str | None = None) -> list
 def succeeded_ids(path: str | os.PathLike[str]) -> set[str]:
     """Ids of the messages whose handler returned (recorded just before the return, i.e. before the delete)."""
     return {r["id"] for r in read_records(path, "end") if r["outcome"] == "succeeded"}
+
+
+def _burn_holding_the_gil(seconds: float) -> None:
+    """Compute for about `seconds` in one C call (sum over a range never returns to the eval loop)."""
+    sample = 2_000_000
+    started = time.perf_counter()
+    sum(range(sample))
+    per_item = max(1e-10, (time.perf_counter() - started) / sample)
+    sum(range(int(seconds / per_item)))
