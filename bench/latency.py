@@ -1,6 +1,6 @@
 """Latency: the bare SDK loop, spot-supervisor and Celery when every queue response is delayed.
 
-    .venv/bin/python bench/latency.py [--delays 0,5,10,20] [--workloads noop,sleep20] [--processes 2]
+    .venv/bin/python -m bench.latency [--delays 0,5,10,20] [--workloads noop,sleep20] [--processes 2]
                                       [--baseline REF] [--repeat 1] [--scale 1.0] [--combine JSON...]
 
 On Azure each queue request is a network round trip; on Azurite over loopback
@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-from common import (
-    BENCH,
+
+from bench.common import (
     REPO,
     CompletionLog,
     approximate_count,
@@ -54,9 +54,8 @@ from common import (
     save,
     stop_tree,
 )
-from local_azurite import connection_string
-from throughput import Setup, enqueue, start_tool
-
+from bench.throughput import Setup, enqueue, start_tool
+from testsupport.azurite import connection_string
 from testsupport.proxy import FaultProxy
 
 DELAYS_MS = (0, 5, 10, 20)
@@ -123,7 +122,7 @@ def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | No
             env = child_env(BENCH_DONE=str(done.path))
             if row.tool == "today":
                 assert baseline is not None
-                env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(baseline)])
+                env["PYTHONPATH"] = os.pathsep.join([str(baseline), str(REPO)])  # its worker/supervisor, our bench
             proc = start_tool(setup, connection_string(proxy.port), queue, counted(env, requests), workdir / f"{queue}.log")
             try:
                 alive = proc if row.tool != "bare" else None

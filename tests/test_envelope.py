@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite
-from handlers import read_records
 from test_worker import (  # noqa: F401  (fixtures)
     b64_client,
     message_count,
@@ -28,8 +26,10 @@ from test_worker import (  # noqa: F401  (fixtures)
     settings_for,
     telemetry,
 )
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.handlers import read_records
+from testsupport.waiting import wait_until
 from worker.message import (
     ENVELOPE_MARKER,
     LEGACY_ENVELOPE_PREFIX,

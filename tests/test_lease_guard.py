@@ -3,7 +3,6 @@
 ctypes.PyDLL, which keeps the GIL), Azurite.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from test_supervisor are redefined as parameters)
 from __future__ import annotations
 
 import json
@@ -12,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
-from handlers import RECORD_ENV, read_records
-from test_supervisor import Supervisor, start  # noqa: F401  (fixture)
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.handlers import RECORD_ENV, read_records
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
+from testsupport.waiting import wait_until
 from worker.lease import Lease
 from worker.lease_slots import LeaseSlots
 from worker.message import Codec, Envelope
@@ -24,7 +23,7 @@ from worker.message import Codec, Envelope
 
 def record_env(azurite: Azurite, queue_name: str, record: Path, **spot: str) -> dict[str, str]:
     defaults = {"queue_batch_size": "1", "queue_prefetch_s": "0", "queue_idle_poll_max_s": "0.2",
-                "workload_handler": "handlers:record", "shutdown_kill_grace_s": "1"}
+                "workload_handler": RECORD_HANDLER, "shutdown_kill_grace_s": "1"}
     env = child_env(azurite, queue_name=queue_name, **{**defaults, **spot})
     env[RECORD_ENV] = str(record)
     return env
@@ -32,12 +31,12 @@ def record_env(azurite: Azurite, queue_name: str, record: Path, **spot: str) -> 
 
 def test_a_handler_holding_the_gil_past_the_visibility_timeout_keeps_its_lease(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
-        start: Callable[..., Supervisor]) -> None:
+        supervisors: Callable[..., Supervisor]) -> None:
     # Before: the worker's keeper thread stopped with the GIL, the lease expired after 2 s, the other worker
     # ran the message again (and again), and the attempts that succeeded were counted toward poison.
     record = tmp_path / "attempts.jsonl"
     sent = queue.send_message(json.dumps({"hold_gil_s": 5}))
-    sup = start(record_env(azurite, queue_name, record, scaling_workers="2", queue_visibility_timeout_s="2",
+    sup = supervisors(record_env(azurite, queue_name, record, scaling_workers="2", queue_visibility_timeout_s="2",
                            queue_max_dequeue_count="2"))
     sup.wait_for_workers(2)
 
@@ -53,7 +52,7 @@ def test_a_handler_holding_the_gil_past_the_visibility_timeout_keeps_its_lease(
 
 def test_a_worker_killed_at_the_drain_deadline_gives_its_message_back_as_a_release(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
-        start: Callable[..., Supervisor]) -> None:
+        supervisors: Callable[..., Supervisor]) -> None:
     # Before: the stuck worker was SIGKILLed holding the message; it stayed invisible for its lease, then the
     # next attempt counted the killed one as a failure (max_dequeue_count 1: poisoned by an eviction alone).
     record = tmp_path / "attempts.jsonl"
@@ -61,7 +60,7 @@ def test_a_worker_killed_at_the_drain_deadline_gives_its_message_back_as_a_relea
     sent = queue.send_message(body)
     env = record_env(azurite, queue_name, record, scaling_workers="1", queue_visibility_timeout_s="30",
                      queue_max_dequeue_count="1", shutdown_drain_timeout_s="1")
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: read_records(record, "checkpoint"), 20, what="the handler to checkpoint, then hold the GIL")
     sup.send(signal.SIGTERM)
     assert sup.wait(15) == 0, sup.log()[-3000:]
@@ -72,7 +71,7 @@ def test_a_worker_killed_at_the_drain_deadline_gives_its_message_back_as_a_relea
     envelope, opened_body = Codec("none").open(peeked.content, peeked.id)
     assert (peeked.id, opened_body, envelope.releases, envelope.state) == (sent.id, body, 1, {"step": 1})
 
-    again = start(env)
+    again = supervisors(env)
     wait_until(lambda: read_records(record, "end"), 20, what="the second attempt to finish")
     assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"], again.log()[-3000:]
     assert [s["state"] for s in read_records(record, "start")] == [None, {"step": 1}]
@@ -124,12 +123,12 @@ def _exists(azurite: Azurite, queue_name: str) -> bool:
 
 def test_a_worker_silent_because_it_computes_holding_the_gil_is_left_running(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
-        start: Callable[..., Supervisor]) -> None:
+        supervisors: Callable[..., Supervisor]) -> None:
     # The heartbeat stops with the GIL as the lease keeper does; a stopped or deadlocked worker uses no CPU and is
     # replaced, but one that computes is busy: killing it would turn a success into a failed attempt.
     record = tmp_path / "attempts.jsonl"
     sent = queue.send_message(json.dumps({"burn_gil_s": 7}))
-    sup = start(record_env(azurite, queue_name, record, scaling_workers="1", queue_visibility_timeout_s="2",
+    sup = supervisors(record_env(azurite, queue_name, record, scaling_workers="1", queue_visibility_timeout_s="2",
                            scaling_worker_timeout_s="2"))
     sup.wait_for_workers(1)
 

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import ServiceResponseError
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
-from handlers import RECORD_ENV, read_records
-from local_azurite import connection_string
-from test_supervisor import Supervisor, start  # noqa: F401  (fixture)
 from test_worker import record_path, runtimes, settings_for, telemetry  # noqa: F401  (fixtures)
-from waiting import wait_until
 
+from testsupport.azurite import Azurite, connection_string
+from testsupport.handlers import RECORD_ENV, read_records
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
 from testsupport.proxy import FaultProxy
+from testsupport.waiting import wait_until
 from worker import context as context_module
 from worker.context import Context, StopSignal
 from worker.lease import Lease
@@ -142,16 +141,16 @@ def test_a_checkpoint_that_keeps_failing_lets_the_handler_go_on(monkeypatch: pyt
 
 
 def test_every_message_is_accounted_for_through_queue_faults(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                             tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                             tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     record = tmp_path / "attempts.jsonl"
     modes = ("reset", "stall", "garbage", "http503")
     bodies: list[str] = []
     with FaultProxy(azurite.port, stall_s=2.0, seed=16) as proxy:
-        env = child_env(azurite, queue_name=queue_name, workload_handler="handlers:record", scaling_workers="2",
+        env = child_env(azurite, queue_name=queue_name, workload_handler=RECORD_HANDLER, scaling_workers="2",
                         queue_visibility_timeout_s="5", queue_idle_poll_max_s="0.5", queue_batch_size="4",
                         queue_connection_string=connection_string(proxy.port), shutdown_drain_timeout_s="5")
         env[RECORD_ENV] = str(record)
-        sup = start(env)
+        sup = supervisors(env)
         phase = 0
         until = time.monotonic() + 60
         # Each mode in turn for a second, on half the requests, with work arriving all along (so receives,

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite
-from handlers import RECORD_ENV, read_records
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.handlers import RECORD_ENV, read_records
+from testsupport.harness import RECORD_HANDLER
 from testsupport.proxy import FaultProxy
+from testsupport.waiting import wait_until
 from worker.consumer import Consumer
 from worker.lease import LeaseState
 from worker.runtime import WorkerRuntime
@@ -48,7 +49,7 @@ def settings_via(proxy: FaultProxy, name: str, **queue: Any) -> Settings:
     """Workers talk to Azurite through the proxy; the test's own client talks to it directly."""
     values: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2, **queue}
     settings = Settings(queue=QueueSettings(connection_string=Azurite(proxy.port).connection_string, name=name, **values),
-                        workload=WorkloadSettings(handler="handlers:record"))
+                        workload=WorkloadSettings(handler=RECORD_HANDLER))
     validate(settings)
     return settings
 

@@ -2,7 +2,7 @@
 
 In-process WorkerRuntime where only the message lifecycle matters; a real
 `python -m worker` process where processes and signals do. The handler is
-tests/handlers.py:record, steered by the message body.
+testsupport/handlers.py:record, steered by the message body.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from azure.storage.queue import (
     TextBase64DecodePolicy,
     TextBase64EncodePolicy,
 )
-from conftest import REPO, Azurite, child_env
-from handlers import RECORD_ENV, RequestLog, read_records
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.handlers import RECORD_ENV, read_records
+from testsupport.harness import RECORD_HANDLER, REPO, child_env
+from testsupport.requestlog import RequestLog
+from testsupport.waiting import wait_until
 from worker.consumer import Consumer, Shared, release_pending
 from worker.lease import Lease
 from worker.message import Codec, Envelope
@@ -46,7 +48,7 @@ from worker.settings import (
 )
 from worker.telemetry import Telemetry, setup_telemetry
 
-HANDLER = "handlers:record"
+HANDLER = RECORD_HANDLER
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
