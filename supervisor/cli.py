@@ -11,7 +11,7 @@ from azure.core.exceptions import AzureError
 
 from supervisor import imds_simulator
 from worker.handler import HandlerImportError
-from worker.logs import setup_logging
+from worker.logs import is_journal_stream, setup_logging
 from worker.process import EX_CONFIG
 from worker.queue_client import describe
 from worker.settings import ConfigError, Settings, load_settings
@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, require_queue=args.command != "plan")
         setup_logging(settings.telemetry.log_level, "supervisor")
         if args.command == "run":
+            from supervisor.build_info import describe_build
             from supervisor.service import run_service
 
+            log.info("%s starting (python %s, config %s)", describe_build(), sys.version.split()[0], args.config or "defaults")
             return run_service(args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
             return 1
     except (ConfigError, HandlerImportError) as exc:
-        print(exc, file=sys.stderr)
+        print(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}", file=sys.stderr)  # <3>: an error in the journal
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
