@@ -14,6 +14,7 @@ run it (one line saying why, e.g. not root or no Debian mirror).
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import re
@@ -121,7 +122,26 @@ def env_file(queue_port: int, queue_name: str, imds_url: str) -> str:
     ])
 
 
+def cached_builds(work: Path, keep: Path | None) -> tuple[Path, Path, str, str]:
+    """--keep-packages DIR (development): reuse the two archives from an earlier run, if the versions match."""
+    if keep is not None:
+        v1 = project_version(REPO / "pyproject.toml")
+        kept = [keep / f"spot-supervisor-{v}.tar.gz" for v in (v1, bumped(v1))]
+        if all(k.exists() for k in kept):
+            log(f"reusing the packages in {keep} (--keep-packages): not this checkout's code unless it is unchanged")
+            return kept[0], kept[1], v1, bumped(v1)
+    archive_1, archive_2, v1, v2 = build_packages(work)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        archive_1, archive_2 = (Path(shutil.copy2(a, keep / a.name)) for a in (archive_1, archive_2))
+    return archive_1, archive_2, v1, v2
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-packages", type=Path, metavar="DIR",
+                        help="development: keep the built packages in DIR and reuse them on the next run")
+    args = parser.parse_args()
     started = time.monotonic()
     try:
         ensure_host_tools()
@@ -133,7 +153,7 @@ def main() -> int:
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # debootstrap (or the cache) and the builds overlap
             rootfs_job = pool.submit(rootfs_archive, mirror)
-            builds_job = pool.submit(build_packages, work)
+            builds_job = pool.submit(cached_builds, work, args.keep_packages)
             try:
                 archive, cached = rootfs_job.result()
             except CannotRun as exc:
