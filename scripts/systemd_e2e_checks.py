@@ -363,14 +363,19 @@ def reinstall_with_the_env_file_written_first(s: Service) -> list[str]:
 
 def poweroff_drains_and_boot_starts_it(s: Service) -> list[str]:
     s.wait_active()
+    pid = s.prop("MainPID")
     seconds = s.c.poweroff()
     s.c.boot()
     s.cursor = ""
     s.wait_active()
-    previous = [line for line in s.journal(boot="-1") if "drain" in line or "exiting" in line or "Stopped" in line]
-    expect(any("supervisor exiting (0)" in line for line in previous), f"no drained exit before the poweroff: {previous}")
+    expect(s.sh(f"systemctl is-enabled {UNIT}").strip() == "enabled", "not enabled")
+    before = s.journal(boot="-1")
+    stopping = max((i for i, line in enumerate(before) if "Stopping spot-supervisor" in line), default=len(before))
+    last = before[stopping:]  # the poweroff's stop: the end of the previous boot
+    expect(any(f"[{pid}]" in line and "drain (SIGTERM)" in line for line in last), f"no drain before the poweroff: {last}")
+    expect(any(f"[{pid}]" in line and "supervisor exiting (0)" in line for line in last), f"no clean exit before the poweroff: {last}")
     now = version_line(s, s.v1)
-    return [f"poweroff took {seconds:.1f}s; previous boot:", *previous, "this boot:", *now]
+    return [f"poweroff took {seconds:.1f}s; the end of the previous boot:", *last, "this boot:", *now]
 
 
 CHECKS: list[Callable[[Service], list[str]]] = [
