@@ -153,7 +153,8 @@ def install_without_a_queue_fails_78_once(s: Service) -> list[str]:
     perms = s.sh(f"stat -c '%n %a %U:%G' {ETC} {ETC}/config.toml {ETC}/env; id spot-supervisor").splitlines()
     expect(perms[1:3] == [f"{ETC}/config.toml 640 root:spot-supervisor", f"{ETC}/env 640 root:spot-supervisor"], f"{perms}")
     errors = s.grep("config error", ERR)
-    expect(any("config error: queue." in e for e in errors), f"no configuration error at priority err: {s.grep('config error')}")
+    raw = [e for e in s.entries() if "config error" in e["MESSAGE"]]
+    expect(any("config error: queue." in e for e in errors), f"no configuration error at priority err: {raw}")
     return [*out.splitlines(), *perms, *errors, *s.grep("status=78")]
 
 

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
             return 1
     except (ConfigError, HandlerImportError) as exc:
-        print(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}", file=sys.stderr)  # <3>: an error in the journal
+        # <3>: an error in the journal. One write, so the prefix and its line cannot arrive apart.
+        sys.stderr.write(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}\n")
+        sys.stderr.flush()
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
