@@ -8,7 +8,8 @@ kill:  start `spot-supervisor run`, SIGKILL its whole process group at a random 
        (some during start-up, some mid-batch), check nothing of the group survived,
        restart at once; `--cycles` times.
 evict: the same, but each disruption is an eviction notice from the local IMDS
-       simulator: the supervisor must drain, acknowledge and exit 0 by itself.
+       simulator: the supervisor must drain and acknowledge by itself, then hold until
+       stopped (it stays up until the VM goes), and exit 0.
 Then one last supervisor runs until the queue is empty and every id is accounted for.
 
 Reported per mode: completions, duplicates (a handler finished but its delete never
@@ -28,7 +29,6 @@ import hashlib
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import DONE_ENV, CompletionLog, approximate_count, child_env, kill_group, record_completion, spawn, stop_tree
+from common import (
+    DONE_ENV,
+    CompletionLog,
+    approximate_count,
+    child_env,
+    end_when_holding,
+    kill_group,
+    record_completion,
+    spawn,
+    stop_tree,
+)
 
 from worker import Context, Interrupted, Message
 from worker.sample import burn
@@ -240,10 +250,8 @@ def evict_cycle(target: Target, sim: Any, n: int, rng: random.Random) -> Cycle:
     at = round(time.monotonic() - started, 3)
     seen = phase(log)
     event = sim.simulate_eviction(delay_s=NOTICE_S)
-    try:
-        code: int | None = proc.wait(NOTICE_S + 30)
-    except subprocess.TimeoutExpired:  # did not drain and exit by itself: record it, and clean up for the next cycle
-        code = None
+    code = end_when_holding(proc, log, NOTICE_S + 30)  # drained and holding: stopped as the VM's end would
+    if code is None:  # did not drain by itself: record it, and clean up for the next cycle
         kill_group(proc)
     exited = round(time.monotonic() - started - at, 3)
     expected = {"StartRequests": [{"EventId": event["EventId"]}]}

@@ -150,6 +150,30 @@ def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
 
 
+HOLDING = "drained; holding until "  # the supervisor's line once drained for an eviction
+
+
+def holding(log: Path) -> bool:
+    """After an eviction the supervisor holds, without workers, until the VM goes; here nothing takes the VM."""
+    return HOLDING in log.read_text(errors="replace")
+
+
+def end_when_holding(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int | None:
+    """The evicted supervisor's exit code: once it holds, stopped as the VM's shutdown would; None at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        if holding(log):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return None
+        time.sleep(0.02)
+    return None
+
+
 def stop_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
     """Signal the process (the tool's own shutdown), then SIGKILL its whole group if it lingers."""
     if proc.poll() is None:

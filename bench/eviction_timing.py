@@ -19,17 +19,28 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from subprocess import Popen, TimeoutExpired
+from subprocess import Popen
 from typing import Any
 
-from common import approximate_count, azurite, child_env, fill, new_queue, pct, save, spawn, stop_tree, visible_count
+from common import (
+    approximate_count,
+    azurite,
+    child_env,
+    end_when_holding,
+    fill,
+    holding,
+    new_queue,
+    pct,
+    save,
+    spawn,
+    stop_tree,
+    visible_count,
+)
 
 from supervisor.imds_simulator import ImdsSimulator  # importable: common put the repo on sys.path
 
@@ -44,7 +55,6 @@ IN_FLIGHT_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 60.0
 FINISH_TIMEOUT_S = 120.0
 COMMAND = [sys.executable, "-m", "supervisor", "run"]
-STAMP = re.compile(r"(\d\d:\d\d:\d\d\.\d\d\d)")
 
 METRICS = {  # Round attribute → printed name
     "notice_to_stopped_s": "notice -> every worker stopped receiving",
@@ -87,19 +97,15 @@ def unique_ids(records: list[dict[str, Any]]) -> set[str]:
     return {r["id"] for r in records}
 
 
-def log_time(line: str) -> float:
-    """Epoch seconds of a log line's HH:MM:SS.mmm stamp (today, local time)."""
-    stamp = STAMP.match(line)
-    assert stamp, line
-    today = datetime.now().strftime("%Y-%m-%d")
-    return datetime.strptime(f"{today} {stamp.group(1)}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
-
-
-def search(log: str, pattern: str, problems: list[str]) -> re.Match[str] | None:
-    match = re.search(pattern, log, re.MULTILINE)
-    if match is None:
-        problems.append(f"no {pattern!r} in the supervisor log")
-    return match
+def drain_timeline(log: str, problems: list[str]) -> dict[str, Any] | None:
+    """The supervisor's `drain timeline {json}` record (moments in epoch seconds), the last one in the log."""
+    marker = "drain timeline "
+    lines = [line for line in log.splitlines() if marker in line]
+    if not lines:
+        problems.append("no drain timeline in the supervisor log")
+        return None
+    record: dict[str, Any] = json.loads(lines[-1].split(marker, 1)[1])
+    return record
 
 
 # --- one round -------------------------------------------------------------------------------------------
@@ -127,12 +133,12 @@ def wait_for_work(results: Path, round_no: int, proc: Popen[bytes], problems: li
 
 
 def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, noticed_at: float,
-                     proc: Popen[bytes]) -> tuple[float, int] | None:
+                     proc: Popen[bytes], log: Path) -> tuple[float, int] | None:
     """(seconds after the notice, visible count) from when visible + completed covered every message for good.
 
     "For good": a worker that has not seen the notice yet may take visible messages
     again, so the answer is the start of the last stretch in which the condition held,
-    polled until the supervisor exited (nothing receives after that). Completions are
+    polled until the supervisor exited or holds without workers (nothing receives after that). Completions are
     read before the peek: a message completed in between was invisible at the peek, so
     it is counted at most once; the other order could count a message seen visible,
     then received and completed. None if the condition did not hold at the timeout.
@@ -140,7 +146,7 @@ def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, no
     since: float | None = None
     visible = 0
     while time.time() - noticed_at < RELEASE_TIMEOUT_S:
-        exited = proc.poll() is not None
+        exited = proc.poll() is not None or holding(log)
         done = len(unique_ids(completions(results, round_no)))
         visible = visible_count(queue)
         if done + visible < messages:
@@ -154,14 +160,21 @@ def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, no
 
 
 def read_drain_log(log: str, noticed_at: float, result: Round) -> None:
-    drain_line = search(log, r"^.*drain \(Preempt.*$", result.problems)
-    stopped = search(log, r"every worker stopped receiving ([\d.]+)s after the drain began", result.problems)
-    acked = search(log, r"acknowledged \S+ ([\d.]+)s after the last worker exited", result.problems)
-    if drain_line and stopped:
-        result.drain_to_stopped_s = float(stopped.group(1))
-        result.notice_to_stopped_s = max(0.0, log_time(drain_line.group(0)) - noticed_at) + result.drain_to_stopped_s
-    if acked:
-        result.exit_to_ack_s = float(acked.group(1))
+    timeline = drain_timeline(log, result.problems)
+    if timeline is None:
+        return
+    if not str(timeline["reason"]).startswith("Preempt"):
+        result.problems.append(f"drained for {timeline['reason']!r}, not the Preempt")
+    started, stopped = timeline["started_at"], timeline["stopped_receiving_at"]
+    if stopped is not None:
+        result.drain_to_stopped_s = max(0.0, stopped - started)
+        result.notice_to_stopped_s = max(0.0, stopped - noticed_at)
+    else:
+        result.problems.append("no worker reported that it stopped receiving")
+    if timeline["acknowledged_at"] is not None and timeline["drained_at"] is not None:
+        result.exit_to_ack_s = timeline["acknowledged_at"] - timeline["drained_at"]
+    else:
+        result.problems.append("the drain timeline has no acknowledgement")
 
 
 def read_ack(sim: ImdsSimulator, event_id: str, noticed_at: float, result: Round) -> None:
@@ -184,14 +197,14 @@ def evict(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argpar
         time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
         notice = sim.simulate_eviction(delay_s=NOTICE_S)
         noticed_at = time.time()
-        released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc)
+        released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc, log_path)
         if released is None:
             result.problems.append(f"uncompleted messages not all visible again {RELEASE_TIMEOUT_S:.0f}s after the notice")
         else:
             result.notice_to_released_s, result.visible_when_released = released
-        result.exit_code = proc.wait(EXIT_TIMEOUT_S)
-    except TimeoutExpired:
-        result.problems.append(f"supervisor still running {EXIT_TIMEOUT_S:.0f}s after the notice")
+        result.exit_code = end_when_holding(proc, log_path, EXIT_TIMEOUT_S)
+        if result.exit_code is None:
+            result.problems.append(f"supervisor neither holding nor gone {EXIT_TIMEOUT_S:.0f}s after the notice")
     finally:
         stop_tree(proc)  # a no-op once it exited
     if result.exit_code not in (0, None):

@@ -129,9 +129,15 @@ def main() -> int:
         notice = httpx.post(f"{imds_url}/simulate/eviction", json={"delay_s": 30}).json()
         noticed_at = time.time()
         print(f"event {notice['EventId']} NotBefore {notice['NotBefore']}", flush=True)
-        code = proc.wait(60)
-        reader.join(5)
+        # Drained and acknowledged, it holds without workers until the VM goes; nothing takes this
+        # "VM" away, so stop it as the VM's shutdown would.
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and not any("holding until" in line for line in lines):
+            time.sleep(0.05)
         gone_after = time.time() - noticed_at
+        proc.terminate()
+        code = proc.wait(30)
+        reader.join(5)
         done_on_spot = len({r["id"] for r in completed(results)})
         left = queued(client)
         acks = httpx.get(f"{imds_url}/simulate/acks").json()
@@ -152,7 +158,7 @@ def main() -> int:
         resumed = [r for r in records if int(r["resumed_from"]) > 0]  # type: ignore[call-overload]
         lost = MESSAGES - len(unique) - queued(client)
         banner("summary")
-        print(f"evicted VM:   supervisor exit code {code}, gone {gone_after:.2f}s after the notice "
+        print(f"evicted VM:   supervisor exit code {code}, drained and holding {gone_after:.2f}s after the notice "
               f"(30 s allowed), event acknowledged {'%.2fs' % ack_after if ack_after is not None else 'NOT'} after the notice")
         if acks:
             print(f"              acknowledgement body: {acks[0]['raw']}  header Metadata: {acks[0]['headers'].get('Metadata')}")

@@ -280,19 +280,24 @@ def a_worker_crash_does_not_restart_the_unit(s: Service) -> list[str]:
     return [*died, *s.grep("spawned worker"), f"MainPID {after['MainPID']} unchanged, NRestarts={after['NRestarts']}"]
 
 
-def eviction_drains_acks_and_exits_0(s: Service) -> list[str]:
-    restarts = s.prop("NRestarts")
+def eviction_drains_acks_and_holds(s: Service) -> list[str]:
+    """Drain, acknowledge, then stay up without workers until the VM goes (issue 16): never restarted;
+    the event disappearing while it still runs brings the workers back."""
+    before = s.show("MainPID", "NRestarts")
     s.mark()
     event = s.imds.call("POST", "/simulate/eviction", {"delay_s": 30})
-    state = s.wait_stopped(timeout=60)
-    expect(state["ExecMainStatus"] == "0" and state["Result"] == "success", f"{state}")
+    held = s.wait_log(f"holding until {event['EventId']}")
     acks = s.imds.call("GET", "/simulate/acks")
     expect(any(event["EventId"] in json.dumps(a["body"]) for a in acks), f"the simulator got no ack for {event['EventId']}: {acks}")
-    s.not_restarted_after(restarts)
-    lines = [*s.journal(WARNING), *s.grep("acknowledged"), *s.grep("supervisor exiting")]
-    s.imds.call("POST", "/simulate/reset", {})
-    s.sh(f"systemctl start {UNIT}")
-    return lines
+    s.not_restarted_after(before["NRestarts"])
+    after = s.show("MainPID", "ActiveState", "StatusText")
+    expect(after["ActiveState"] == "active" and after["MainPID"] == before["MainPID"], f"not holding: {after}")
+    expect(not s.workers() and "holding" in after["StatusText"], f"workers left or STATUS silent: {after}, {s.workers()}")
+    lines = [*s.journal(WARNING), *s.grep("acknowledged"), *held, f"StatusText={after['StatusText']}"]
+    s.imds.call("POST", "/simulate/reset", {})  # the event disappears before its NotBefore: not carried out
+    lines += s.wait_log("resuming processing")
+    s.wait("the workers back", lambda: len(s.workers()) == 2, timeout=30)
+    return [*lines, f"MainPID {before['MainPID']} throughout, NRestarts={s.prop('NRestarts')}"]
 
 
 def version_line(s: Service, version: str) -> list[str]:
@@ -388,7 +393,7 @@ CHECKS: list[Callable[[Service], list[str]]] = [
     stop_cuts_a_deaf_handler_at_the_drain_deadline,
     kill_9_of_the_supervisor_restarts_it,
     a_worker_crash_does_not_restart_the_unit,
-    eviction_drains_acks_and_exits_0,
+    eviction_drains_acks_and_holds,
     upgrade_drains_the_old_and_runs_the_new,
     rollback_switches_back,
     second_install_changes_nothing,

@@ -7,7 +7,7 @@ bash "$repo/scripts/setup.sh"
 bash "$repo/scripts/ci-deps.sh"
 cd "$repo"
 if [ $# -eq 0 ]; then  # the full run also lints and type-checks; a focused run (with pytest args) does not
-  .venv/bin/ruff check -q worker supervisor scripts bench tests
+  .venv/bin/ruff check -q worker supervisor scripts bench tests testsupport
   .venv/bin/mypy
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterable
 from types import FrameType
 
+from supervisor.gpus import Gpu, pin_to_gpu
 from worker.control import Channel
 from worker.logs import setup_logging
 from worker.process import WorkerProcess
@@ -41,8 +42,11 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
-              inherited: Iterable[int], attributes: dict[str, str]) -> None:
-    """Never returns: exits the process with the worker's exit code."""
+              inherited: Iterable[int], attributes: dict[str, str], gpu: Gpu | None = None) -> None:
+    """Never returns: exits the process with the worker's exit code.
+
+    The handler is imported here, after the fork and after CUDA_VISIBLE_DEVICES is set: CUDA
+    initialised at import time is initialised in this process, for its GPU only."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -59,8 +63,10 @@ def run_child(settings: Settings, index: int, threads: int, sock: socket.socket,
                 os.close(fd)
             except OSError:
                 pass
+        gpu_attributes = pin_to_gpu(gpu) if gpu is not None else {}
         setup_logging(settings.telemetry.log_level, f"worker-{index}")
-        telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index)})
+        telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index), **gpu_attributes},
+                                    point_attributes=gpu_attributes)
         try:
             code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid).run()
         finally:

@@ -1,20 +1,20 @@
-"""The `spot-supervisor` command: run, plan, simulate, enqueue."""
+"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue, poison."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+from collections.abc import Callable
 
-from azure.core.exceptions import AzureError
-
-from supervisor import imds_simulator
+from supervisor import imds_simulator, poison_cli
+from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError
 from worker.logs import is_journal_stream, setup_logging
-from worker.process import EX_CONFIG
-from worker.queue_client import describe
-from worker.settings import ConfigError, Settings, load_settings
+from worker.settings import ConfigError
 
 log = logging.getLogger("supervisor")
 
@@ -34,44 +34,73 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
     imds_simulator.add_arguments(simulate)
 
+    prices = sub.add_parser("prices", help="this VM's Linux Spot and pay-as-you-go hourly prices and the savings "
+                                           "(Azure Retail Prices API, cached for a day)")
+    prices.add_argument("--config")
+    prices.add_argument("--sku", help="VM size, e.g. Standard_D4s_v5 (default: this VM's, from instance metadata)")
+    prices.add_argument("--region", help="Azure region, e.g. westeurope (default: this VM's)")
+    prices.add_argument("--json", action="store_true", help="machine-readable output")
+
     enqueue = sub.add_parser("enqueue", help="put generated test messages, or the lines of a file, on the queue")
     enqueue.add_argument("--config")
     what = enqueue.add_mutually_exclusive_group(required=True)
-    what.add_argument("--count", type=int, help="generate this many sample-handler messages")
-    what.add_argument("--file", help="one message per non-empty line ('-' for standard input)")
-    enqueue.add_argument("--chunks", type=int, default=5, help="sample handler: chunks per message (default 5)")
-    enqueue.add_argument("--chunk-ms", type=float, default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+    what.add_argument("--count", type=at_least(1, int), help="generate this many sample-handler messages")
+    what.add_argument("--file", help="one message per line that is not blank ('-' for standard input)")
+    enqueue.add_argument("--chunks", type=at_least(1, int), default=5, help="sample handler: chunks per message (default 5)")
+    enqueue.add_argument("--chunk-ms", type=at_least(0, float), default=10.0, help="sample handler: CPU ms per chunk (default 10)")
+
+    poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
+    poison_cli.add_arguments(poison)
     return parser
 
 
+def at_least(low: float, kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number (int or float) of at least `low`, else a usage error naming the value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "poison":
+        poison_cli.check_arguments(parser, args)
     if args.command == "simulate":
         setup_logging("INFO", "imds-simulator")
         return imds_simulator.run(args)
     try:
-        settings = load_settings(args.config, require_queue=args.command != "plan")
+        settings = load_supervisor_settings(args.config, require_queue=args.command not in ("plan", "prices"))
         setup_logging(settings.telemetry.log_level, "supervisor")
+        if args.command in ("run", "plan"):
+            for warning in unknown_env_variables(SupervisorSettings):
+                log.warning("%s", warning)
         if args.command == "run":
             from supervisor.build_info import describe_build
             from supervisor.service import run_service
 
             log.info("%s starting (python %s, config %s)", describe_build(), sys.version.split()[0], args.config or "defaults")
-            return run_service(args.config)
+            return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
-        from supervisor.enqueue import EnqueueError, run_enqueue
-
-        try:
-            return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
-        except (EnqueueError, OSError, AzureError) as exc:
-            print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-            return 1
+        if args.command == "prices":
+            return print_prices(settings, args.sku, args.region, args.json)
+        if args.command == "poison":
+            return poison_cli.run(args, settings.queue)
+        return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
         # <3>: an error in the journal. One write, so the prefix and its line cannot arrive apart.
         sys.stderr.write(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}\n")
         sys.stderr.flush()
-        return EX_CONFIG
+        return os.EX_CONFIG
     except KeyboardInterrupt:
         return 130
     except Exception:  # a bug, not bad input: the traceback goes to the journal, systemd restarts us
@@ -79,8 +108,48 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def print_plan(settings: Settings, as_json: bool) -> int:
-    from supervisor.service import make_plan, read_vm_facts
+def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> int:
+    from azure.core.exceptions import AzureError
+
+    from supervisor.enqueue import EnqueueError, run_enqueue
+    from worker.queue_client import describe
+
+    try:
+        return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
+    except (EnqueueError, OSError, AzureError) as exc:
+        print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
+        return 1
+
+
+def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
+    from supervisor.imds import ImdsError, fetch_instance_info
+    from supervisor.planning import INSTANCE_TIMEOUT_S
+    from supervisor.prices import PricesError, get_quote
+
+    if not (sku and region):
+        if settings.events.source != "azure":
+            print("prices: give --sku and --region (events.source is \"none\": no instance metadata to ask)", file=sys.stderr)
+            return 1
+        try:
+            instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
+        except ImdsError as exc:
+            print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
+            return 1
+        sku, region = sku or instance.vm_size, region or instance.location
+    try:
+        quote, cached = get_quote(settings.cost.prices_endpoint, sku, region)
+    except PricesError as exc:
+        print(f"prices: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({**quote.to_dict(), "cached": cached}))
+    else:
+        print(quote.describe() + (" (cached today)" if cached else ""))
+    return 0
+
+
+def print_plan(settings: SupervisorSettings, as_json: bool) -> int:
+    from supervisor.planning import make_plan, read_vm_facts
     from supervisor.sizing import format_plan
 
     facts = read_vm_facts(settings)

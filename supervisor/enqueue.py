@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -25,11 +26,15 @@ def generated_bodies(count: int, chunks: int, chunk_ms: float, start: int = 0) -
         yield json.dumps({"n": n, "chunks": chunks, "chunk_ms": chunk_ms})
 
 
-def file_bodies(stream: TextIO) -> Iterator[str]:
-    for line in stream:
-        line = line.rstrip("\r\n")
-        if line:
-            yield line
+def file_bodies(stream: TextIO, name: str) -> Iterator[str]:
+    """One body per line that holds more than whitespace (the line as is, without its line break)."""
+    try:
+        for line in stream:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+    except UnicodeDecodeError:  # decoding runs ahead in blocks: no line number to give
+        raise EnqueueError(f"{name} is not UTF-8 text (a binary file?); nothing was sent") from None
 
 
 def enqueue(settings: QueueSettings, bodies: Iterator[str]) -> int:
@@ -55,9 +60,10 @@ def run_enqueue(settings: QueueSettings, count: int | None, path: str | None, ch
     if path is None:
         sent = enqueue(settings, generated_bodies(count or 0, chunks, chunk_ms))
     elif path == "-":
-        sent = enqueue(settings, file_bodies(sys.stdin))
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+        sent = enqueue(settings, file_bodies(stdin, "standard input"))
     else:
         with open(path, encoding="utf-8") as stream:
-            sent = enqueue(settings, file_bodies(stream))
+            sent = enqueue(settings, file_bodies(stream, path))
     print(f"enqueued {sent} message(s) on {settings.name} in {time.perf_counter() - started:.2f}s")
     return 0

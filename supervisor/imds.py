@@ -7,14 +7,15 @@ connection, HTTP status, unexpected payload).
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
+
+from supervisor.retry_after import parse_retry_after
+from worker.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,11 @@ def send(client: httpx.Client, method: str, url: str, *, headers: dict[str, str]
     except httpx.TimeoutException as exc:
         raise ImdsError(f"IMDS {method} {url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
-        raise ImdsError(f"IMDS {method} {url}: {type(exc).__name__}: {_one_line(str(exc)) or 'no detail'}") from None
+        raise ImdsError(f"IMDS {method} {url}: {type(exc).__name__}: {one_line(str(exc)) or 'no detail'}") from None
 
 
 def status_error(method: str, url: str, response: httpx.Response) -> ImdsError:
-    detail = _one_line(response.text)[:200]
+    detail = one_line(response.text)[:200]
     return ImdsError(
         f"IMDS {method} {url}: HTTP {response.status_code}" + (f": {detail}" if detail else ""),
         status=response.status_code,
@@ -112,26 +113,9 @@ def load_json(raw: bytes | str, what: str) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ImdsError(f"{what}: not valid JSON ({_one_line(str(exc))})") from None
+        raise ImdsError(f"{what}: not valid JSON ({one_line(str(exc))})") from None
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def is_json_int(value: Any) -> TypeGuard[int]:
+    """A JSON integer (json.loads gives bool for true/false, which is an int subclass)."""
+    return isinstance(value, int) and not isinstance(value, bool)

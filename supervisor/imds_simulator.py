@@ -41,6 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from supervisor.imds import is_json_int
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8169
@@ -263,7 +265,7 @@ class ImdsSimulator:
         """Serve `document` as given; a well-formed one still reacts to acks and cancels."""
         with self._lock:
             state = self._state
-            if (isinstance(document, dict) and _is_int(document.get("DocumentIncarnation"))
+            if (isinstance(document, dict) and is_json_int(document.get("DocumentIncarnation"))
                     and isinstance(document.get("Events"), list)
                     and all(isinstance(e, dict) and isinstance(e.get("EventId"), str) for e in document["Events"])):
                 state.opaque = None
@@ -282,7 +284,7 @@ class ImdsSimulator:
                    retry_after_s: float | None = None) -> dict[str, Any]:
         if mode not in FAULT_MODES:
             raise BadRequest(f"mode must be one of {', '.join(FAULT_MODES)}, got {mode!r}")
-        if not _is_int(count) or count < 0:
+        if not is_json_int(count) or count < 0:
             raise BadRequest(f"count must be a whole number >= 0, got {count!r}")
         delay = (2.0 if mode == "slow" else 0.0) if delay_s is None else float(delay_s)
         with self._lock:
@@ -368,10 +370,6 @@ class ImdsSimulator:
                 return None
             faults.count -= 1
             return _Faults(faults.mode, 1, faults.delay_s, faults.retry_after_s)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Server(ThreadingHTTPServer):
@@ -585,7 +583,7 @@ def _number(data: Any, key: str) -> float | None:
 
 def _whole(data: Any, key: str, default: int) -> int:
     value = data.get(key, default) if isinstance(data, dict) else default
-    if not _is_int(value):
+    if not is_json_int(value):
         raise BadRequest(f"{key} must be a whole number, got {value!r}")
     return int(value)
 

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Collection
 from typing import Any
 
 import httpx
+
+from supervisor.retry_after import parse_retry_after
+from worker.backoff import Backoff
+from worker.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +79,6 @@ def resource_url(arm_endpoint: str, resource_id: str, api_version: str = ARM_API
     return arm_endpoint.rstrip("/") + resource_id
 
 
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rand: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with "equal jitter": a delay in [d/2, d], d = min(max_s, initial_s * 2**attempt)."""
-    ceiling = min(max_s, initial_s * (2 ** min(attempt, 32)))
-    return ceiling / 2 + rand() * ceiling / 2
-
-
 def wait_for_provisioning(
     resource_id: str,
     arm_endpoint: str,
@@ -118,7 +115,7 @@ def wait_for_provisioning(
     deadline = clock() + timeout_s
     last_state: str | None = None
     last_error: str | None = None
-    attempt = 0
+    backoff = Backoff(initial_delay_s, max_delay_s, jitter="equal")
     try:
         with httpx.Client(trust_env=False, timeout=request_timeout_s,
                           headers={"User-Agent": "spot-supervisor-provisioning-gate"}) as client:
@@ -143,11 +140,10 @@ def wait_for_provisioning(
                 remaining = deadline - clock()
                 if remaining <= 0:
                     raise ProvisioningTimeout(resource_id, timeout_s, last_state, last_error)
-                delay = backoff_delay(attempt, initial_delay_s, max_delay_s)
+                delay = backoff.next_delay()
                 if retry_after_s is not None:
                     delay = max(delay, retry_after_s)
                 sleep(min(delay, remaining))
-                attempt += 1
     finally:
         if own_credential:
             close = getattr(credential, "close", None)
@@ -160,15 +156,15 @@ def _poll(client: httpx.Client, credential: Any, url: str, scope: str, api_versi
     try:
         token = credential.get_token(scope).token
     except Exception as exc:  # azure-identity raises several types; all mean "not yet"
-        raise _PollError(f"no token for {scope}: {_one_line(exc)}") from exc
+        raise _PollError(f"no token for {scope}: {one_line(exc)}") from exc
     try:
         response = client.get(url, params={"api-version": api_version},
                               headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise _PollError(f"GET {url}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise _PollError(f"GET {url}: {type(exc).__name__}: {one_line(exc)}") from exc
     if response.status_code != 200:
         raise _PollError(f"GET {url}: HTTP {response.status_code}{_arm_error(response)}",
-                         retry_after_s=_retry_after(response))
+                         retry_after_s=parse_retry_after(response.headers.get("Retry-After")))
     try:
         body = response.json()
         state = body["properties"]["provisioningState"]
@@ -187,16 +183,6 @@ def _arm_error(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         return ""
     text = " ".join(part for part in (f"{code}:" if code else "", message) if part)
-    return f" {_one_line(text)[:300]}" if text else ""
+    return f" {one_line(text)[:300]}" if text else ""
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split()) or type(value).__name__

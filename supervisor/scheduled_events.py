@@ -1,29 +1,17 @@
-"""Azure Scheduled Events: the document, the HTTP client, and the polling thread.
-
-The watcher turns each successfully fetched document into decisions via
-`EvictionPolicy` and hands them to a callback. A failed poll is only ever a
-failed poll: it is retried, never read as "evicted" nor as "nothing pending".
-"""
+"""Azure Scheduled Events: the document and the HTTP client (the watcher thread is in event_watcher)."""
 
 from __future__ import annotations
 
 import email.utils
 import json
 import logging
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
+from typing import Any, Protocol
 
 import httpx
 
-from supervisor.imds import ImdsError, load_json, send, status_error
-from worker.backoff import Backoff
-
-if TYPE_CHECKING:
-    from supervisor.eviction import Decision, EvictionPolicy
+from supervisor.imds import ImdsError, is_json_int, load_json, send, status_error
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +37,8 @@ class ScheduledEvent:
 class EventsDocument:
     incarnation: int
     events: tuple[ScheduledEvent, ...]
+    # One line per event that could not be read (skipped) or read only in part; the rest still counts.
+    problems: tuple[str, ...] = ()
 
 
 def parse_document(raw: bytes | str) -> EventsDocument:
@@ -56,15 +46,26 @@ def parse_document(raw: bytes | str) -> EventsDocument:
     if not isinstance(data, dict):
         raise ImdsError(f"scheduled events: expected a JSON object, got {type(data).__name__}")
     incarnation = data.get("DocumentIncarnation")
-    if not _is_int(incarnation):
+    if not is_json_int(incarnation):
         raise ImdsError(f"scheduled events: DocumentIncarnation must be an integer, got {incarnation!r}")
     events = data.get("Events")
     if not isinstance(events, list):
         raise ImdsError(f"scheduled events: Events must be a list, got {events!r:.80}")
-    return EventsDocument(incarnation=incarnation, events=tuple(_parse_event(i, e) for i, e in enumerate(events)))
+    # One event that cannot be read must not hide the others (a Preempt for this VM beside a
+    # malformed event for a neighbour): each is read on its own.
+    parsed: list[ScheduledEvent] = []
+    problems: list[str] = []
+    for index, item in enumerate(events):
+        try:
+            parsed.append(_parse_event(index, item, problems))
+        except ImdsError as exc:
+            problems.append(f"{exc}; event skipped")
+    return EventsDocument(incarnation=incarnation, events=tuple(parsed), problems=tuple(problems))
 
 
-def _parse_event(index: int, item: Any) -> ScheduledEvent:
+def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
+    """Raises ImdsError when a field that decides what to do cannot be read; the others fall back to
+    a default, with a line in `problems`."""
     where = f"scheduled events: Events[{index}]"
     if not isinstance(item, dict):
         raise ImdsError(f"{where}: expected an object, got {item!r:.80}")
@@ -76,19 +77,28 @@ def _parse_event(index: int, item: Any) -> ScheduledEvent:
             return default
         value = item[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
+            if default is None:
+                raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
+            problems.append(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}; read as {default!r}")
+            return default
         return value
 
     event_id = field("EventId", str)
+    where = f"{where} ({event_id})"
     resources = field("Resources", list)
     if not all(isinstance(r, str) for r in resources):
         raise ImdsError(f"{where}: Resources must be a list of strings, got {resources!r:.80}")
+    try:
+        not_before = _parse_not_before(where, field("NotBefore", str))
+    except ImdsError as exc:  # read as "no NotBefore": drained for at once, the careful reading
+        problems.append(f"{exc}; read as due now")
+        not_before = None
     return ScheduledEvent(
         event_id=event_id,
         event_type=field("EventType", str),
         status=field("EventStatus", str),
         resources=tuple(resources),
-        not_before=_parse_not_before(where, field("NotBefore", str)),
+        not_before=not_before,
         source=field("EventSource", str, ""),
         duration_s=field("DurationInSeconds", int, -1),
         description=field("Description", str, ""),
@@ -105,10 +115,6 @@ def _parse_not_before(where: str, text: str) -> datetime | None:
     if when.tzinfo is None:  # "-0000" means UTC in RFC 2822 terms
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class EventSource(Protocol):
@@ -159,85 +165,3 @@ class AzureScheduledEvents:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class EventWatcher(threading.Thread):
-    """Polls an EventSource and reports decisions through `on_decision`.
-
-    `on_decision` runs on this thread: it should only queue the decision and
-    wake the supervisor's main loop.
-    """
-
-    def __init__(self, source: EventSource, policy: EvictionPolicy, on_decision: Callable[[Decision], None], *,
-                 poll_interval_s: float = 1.0, backoff: Backoff | None = None,
-                 clock: Callable[[], float] = time.time, name: str = "scheduled-events") -> None:
-        super().__init__(name=name, daemon=True)
-        self._source = source
-        self._policy = policy
-        self._on_decision = on_decision
-        self._poll_interval_s = poll_interval_s
-        # A short cap: while IMDS misbehaves we still look often enough to
-        # catch a 30 s eviction notice.
-        self._backoff = backoff or Backoff(base_s=0.5, cap_s=max(4.0, poll_interval_s))
-        self._clock = clock
-        self._stopping = threading.Event()
-        self.incarnation: int | None = None
-        self.last_success: float | None = None
-        self.consecutive_failures = 0
-
-    def stop(self, timeout_s: float | None = 5.0) -> None:
-        """Ask the thread to end and wait for it (a request in flight ends at its timeout)."""
-        self._stopping.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout_s)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            self._stopping.wait(self.poll_once())
-
-    def poll_once(self) -> float:
-        """One poll and its consequences; returns how long to wait before the next."""
-        try:
-            document = self._source.poll()
-        except ImdsError as exc:
-            return self._failed(str(exc), exc.retry_after_s)
-        except Exception as exc:  # a bug must not end eviction watching
-            log.exception("scheduled events poll raised unexpectedly")
-            return self._failed(f"{type(exc).__name__}: {exc}", None)
-
-        if self.consecutive_failures:
-            log.info("scheduled events answering again after %d failed poll(s)", self.consecutive_failures)
-        self.consecutive_failures = 0
-        self._backoff.reset()
-        self.last_success = self._clock()
-        if document.incarnation != self.incarnation:
-            log.info("scheduled events incarnation %s -> %s: %d event(s)",
-                     self.incarnation, document.incarnation, len(document.events))
-            self.incarnation = document.incarnation
-        try:
-            decisions = self._policy.observe(document, self._clock())
-        except Exception:
-            log.exception("eviction policy failed on incarnation %s", document.incarnation)
-            return self._poll_interval_s
-        for decision in decisions:
-            try:
-                self._on_decision(decision)
-            except Exception:
-                log.exception("on_decision callback failed for %r", decision)
-        return self._poll_interval_s
-
-    def _failed(self, message: str, retry_after_s: float | None) -> float:
-        self.consecutive_failures += 1
-        delay = self._backoff.next_delay()
-        if retry_after_s is not None:
-            # Honoured, but never beyond the cap: missing an eviction notice
-            # costs more than a few extra requests to a throttled IMDS.
-            delay = max(delay, min(retry_after_s, self._backoff.cap_s))
-        level = logging.WARNING if self.consecutive_failures == 1 else logging.INFO
-        log.log(level, "scheduled events poll failed (%d in a row), retrying in %.1fs: %s",
-                self.consecutive_failures, delay, message)
-        return delay

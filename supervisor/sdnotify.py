@@ -10,6 +10,8 @@ import logging
 import os
 import socket
 
+from worker.text import one_line  # a newline would end the STATUS= field and start a bogus one
+
 log = logging.getLogger(__name__)
 
 
@@ -51,21 +53,16 @@ def watchdog_interval_s() -> float | None:
     return value / 1_000_000 if value > 0 else None
 
 
-def _one_line(text: str) -> str:
-    # A newline would end the STATUS= field and start a bogus one.
-    return " ".join(text.splitlines())
-
-
 def ready(status: str | None = None) -> bool:
-    return notify("READY=1", f"STATUS={_one_line(status)}") if status else notify("READY=1")
+    return notify("READY=1", f"STATUS={one_line(status)}") if status else notify("READY=1")
 
 
 def status(text: str) -> bool:
-    return notify(f"STATUS={_one_line(text)}")
+    return notify(f"STATUS={one_line(text)}")
 
 
 def stopping(status: str | None = None) -> bool:
-    return notify("STOPPING=1", f"STATUS={_one_line(status)}") if status else notify("STOPPING=1")
+    return notify("STOPPING=1", f"STATUS={one_line(status)}") if status else notify("STOPPING=1")
 
 
 def watchdog() -> bool:

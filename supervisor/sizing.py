@@ -1,9 +1,10 @@
 """Size the worker pool to what this process may really use.
 
 `read_resources` looks at CPU affinity, cgroup (v1 or v2) CPU quota and memory
-limit, and psutil's available memory; `compute_plan` turns that plus the
-`[scaling]` settings into a number of workers and threads, with the reasons
-an operator sees in `spot-supervisor plan`.
+limit, and psutil's available memory; `compute_plan` turns that, the GPUs found
+(supervisor/gpus.py) and the `[scaling]` settings into a number of workers and
+threads, and the GPU each worker slot is bound to, with the reasons an operator
+sees in `spot-supervisor plan`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import psutil
 
-from worker.settings import ScalingSettings
+from supervisor.config import ScalingSettings
+from supervisor.gpus import Gpu, describe_gpus
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -59,11 +61,27 @@ class Plan:
     available_memory_mb: int
     vm_size: str | None
     reasons: tuple[str, ...] = ()
+    gpus: tuple[Gpu, ...] = ()
+    gpu_per_slot: bool = False  # each worker slot bound to one GPU; else every worker sees every GPU
+
+    def gpu_for_slot(self, slot: int) -> Gpu | None:
+        """Round robin, so k per GPU at gpus × k workers, and as even as it gets under a cap or after TTIN."""
+        if not self.gpu_per_slot or not self.gpus:
+            return None
+        return self.gpus[slot % len(self.gpus)]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["reasons"] = list(self.reasons)
+        data["gpus"] = [gpu.to_dict() for gpu in self.gpus]
+        data["slots"] = [self._slot_dict(slot) for slot in range(self.workers)]
         return data
+
+    def _slot_dict(self, slot: int) -> dict[str, Any]:
+        gpu = self.gpu_for_slot(slot)
+        if gpu is None:
+            return {"slot": slot, "gpu": None, "cuda_visible_devices": None}
+        return {"slot": slot, "gpu": gpu.index, "cuda_visible_devices": gpu.cuda_visible_devices}
 
 
 # --- resources -----------------------------------------------------------------------------------
@@ -248,33 +266,51 @@ def _memory_headroom(root: Path, v2_path: str | None, v1_paths: dict[str, str],
 # --- plan ----------------------------------------------------------------------------------------
 
 
-def compute_plan(scaling: ScalingSettings, mode: str, resources: Resources, vm_size: str | None) -> Plan:
-    """How many workers and threads to run, and why."""
+def compute_plan(scaling: ScalingSettings, mode: str, resources: Resources, vm_size: str | None,
+                 gpus: tuple[Gpu, ...] = (), gpu_note: str | None = None) -> Plan:
+    """How many workers and threads to run, which GPU each worker gets, and why."""
     reasons: list[str] = [_describe_cpus(resources)]
     scaling = _apply_sku_overrides(scaling, vm_size, reasons)
     cpus = resources.usable_cpus
+    if gpus:
+        reasons.append(f"{describe_gpus(gpus)} found")
+    if gpu_note:
+        reasons.append(gpu_note)
 
     if mode == "scale-up":
         if scaling.workers > 0:
             reasons.append(f"workers = {scaling.workers} ignored in scale-up mode (always 1 worker process)")
         threads = max(1, scaling.threads_per_core * cpus)
         reasons.append(f"scale-up: 1 worker, {scaling.threads_per_core} threads_per_core × {cpus} CPUs → {threads} threads")
-        return _plan(mode, 1, threads, resources, vm_size, reasons)
+        if gpus:
+            reasons.append(f"scale-up: the one worker sees all {len(gpus)} GPUs")
+        return _plan(mode, 1, threads, resources, vm_size, reasons, gpus, False)
     if mode != "scale-out":
         raise ValueError(f"unknown workload mode {mode!r}; allowed: scale-out, scale-up")
 
+    per_gpu = bool(gpus) and scaling.workers_per_gpu > 0
+    if gpus and not per_gpu:
+        reasons.append("workers_per_gpu = 0: sizing by CPU, every worker sees every GPU")
+
     if scaling.workers > 0:
         workers = scaling.workers
-        reasons.append(f"explicit workers = {workers} (wins over workers_per_core, min/max and memory sizing)")
+        reasons.append(f"explicit workers = {workers} (wins over workers_per_core, workers_per_gpu, min/max and memory sizing)")
         mem_cap = _memory_cap(scaling, resources)
         if mem_cap is not None and workers > mem_cap:
             reasons.append(f"warning: memory would allow only {mem_cap} ({resources.available_memory_mb} MB / "
                            f"{scaling.memory_per_worker_mb} MB per worker)")
-        return _plan(mode, workers, 1, resources, vm_size, reasons)
+        if per_gpu:
+            reasons.append(f"each worker slot bound to one GPU, round robin over {len(gpus)} GPUs")
+        return _plan(mode, workers, 1, resources, vm_size, reasons, gpus, per_gpu)
 
-    # The epsilon keeps e.g. 3 × (1/3) from flooring to 0 through float error.
-    workers = max(1, math.floor(cpus * scaling.workers_per_core + 1e-9))
-    reasons.append(f"×{scaling.workers_per_core} workers_per_core → {workers}")
+    if per_gpu:
+        workers = len(gpus) * scaling.workers_per_gpu
+        reasons.append(f"{len(gpus)} GPUs × {scaling.workers_per_gpu} workers_per_gpu → {workers} "
+                       f"(not capped by CPUs: a GPU worker mostly waits on its GPU)")
+    else:
+        # The epsilon keeps e.g. 3 × (1/3) from flooring to 0 through float error.
+        workers = max(1, math.floor(cpus * scaling.workers_per_core + 1e-9))
+        reasons.append(f"×{scaling.workers_per_core} workers_per_core → {workers}")
     if workers < scaling.min_workers:
         workers = scaling.min_workers
         reasons.append(f"raised to min_workers → {workers}")
@@ -287,12 +323,17 @@ def compute_plan(scaling: ScalingSettings, mode: str, resources: Resources, vm_s
         floor_note = " (never below 1)" if mem_cap < 1 else ""
         reasons.append(f"capped by memory: {resources.available_memory_mb} MB / {scaling.memory_per_worker_mb} MB "
                        f"per worker → {workers}{floor_note}")
-    return _plan(mode, workers, 1, resources, vm_size, reasons)
+    if per_gpu:
+        spread = "evenly" if workers % len(gpus) == 0 else "as evenly as the count allows"
+        reasons.append(f"each worker slot bound to one GPU ({spread}: slot i → GPU i mod {len(gpus)}), "
+                       f"CUDA_VISIBLE_DEVICES set per worker")
+    return _plan(mode, workers, 1, resources, vm_size, reasons, gpus, per_gpu)
 
 
 def _plan(mode: str, workers: int, threads: int, resources: Resources, vm_size: str | None,
-          reasons: list[str]) -> Plan:
-    return Plan(mode, workers, threads, resources.usable_cpus, resources.available_memory_mb, vm_size, tuple(reasons))
+          reasons: list[str], gpus: tuple[Gpu, ...] = (), gpu_per_slot: bool = False) -> Plan:
+    return Plan(mode, workers, threads, resources.usable_cpus, resources.available_memory_mb, vm_size, tuple(reasons),
+                gpus, gpu_per_slot)
 
 
 def _describe_cpus(r: Resources) -> str:
@@ -336,8 +377,15 @@ def format_plan(plan: Plan) -> str:
         f"threads:  {plan.threads} {per} per worker",
         f"CPUs:     {plan.usable_cpus} usable",
         f"memory:   {plan.available_memory_mb} MB available",
+        f"GPUs:     {describe_gpus(plan.gpus)}",
         f"vmSize:   {plan.vm_size or 'unknown'}",
-        "why:",
-        *(f"  - {reason}" for reason in plan.reasons),
     ]
+    if plan.gpus:
+        lines.append("slots:")
+        if plan.gpu_per_slot:
+            lines += [f"  - worker {slot} → {gpu.describe()}" for slot in range(plan.workers)
+                      if (gpu := plan.gpu_for_slot(slot)) is not None]
+        else:
+            lines.append(f"  - every worker sees all {len(plan.gpus)} GPUs")
+    lines += ["why:", *(f"  - {reason}" for reason in plan.reasons)]
     return "\n".join(lines)

@@ -66,11 +66,12 @@ def queue(azurite: Azurite, queue_name: str) -> QueueClient:
 def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
     """Environment for a child process (worker or supervisor) aimed at the test Azurite.
 
-    events.source is "none" unless a test says otherwise: the real IMDS address
-    is never contacted from tests.
+    events.source is "none" and cost.enabled false unless a test says otherwise: the real IMDS
+    address and the public Retail Prices API are never contacted from tests.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
     env.update({"SPOT_QUEUE_CONNECTION_STRING": azurite.connection_string, "SPOT_EVENTS_SOURCE": "none",
+                "SPOT_COST_ENABLED": "false",
                 "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])})
     env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
     return env

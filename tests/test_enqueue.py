@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from azure.storage.queue import QueueClient
 from conftest import Azurite, child_env
 
@@ -54,3 +55,41 @@ def test_an_unreachable_queue_is_one_line_and_exit_1(azurite: Azurite, queue_nam
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("enqueue: "), result.stderr
 
+
+
+def test_a_binary_file_is_one_line_and_sends_nothing(azurite: Azurite, queue_name: str, tmp_path: Path) -> None:
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(b"first line\n" + bytes(range(256)) * 40 + b"\n")
+    result = enqueue(azurite, queue_name, "--file", str(binary))
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not UTF-8 text" in result.stderr and "nothing was sent" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert texts(azurite.queue(queue_name)) == []
+
+
+def test_blank_and_whitespace_only_lines_are_not_messages(azurite: Azurite, queue_name: str, tmp_path: Path) -> None:
+    lines = tmp_path / "jobs.txt"
+    lines.write_text("one\n   \n\t\n \t \r\n\n  two  \n")
+    result = enqueue(azurite, queue_name, "--file", str(lines))
+    assert result.returncode == 0, result.stderr
+    assert "enqueued 2 message(s)" in result.stdout
+    assert texts(azurite.queue(queue_name)) == ["  two  ", "one"]  # a real line is sent as it is
+
+
+def test_standard_input_that_is_not_utf8_is_one_line(azurite: Azurite, queue_name: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "supervisor", "enqueue", "--file", "-"], input=b"ok\n\xff\xfe\x00\n",
+                            capture_output=True, env=child_env(azurite, queue_name=queue_name), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().strip().count("\n") == 0 and b"standard input is not UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--count", "-5"), ("--count", "0"), ("--count", "many"),
+                                               ("--chunks", "0"), ("--chunk-ms", "-1"), ("--chunk-ms", "inf")])
+def test_impossible_numbers_are_refused_before_anything_is_sent(azurite: Azurite, queue_name: str, option: str,
+                                                                value: str) -> None:
+    args = [option, value] if option == "--count" else ["--count", "1", option, value]
+    result = enqueue(azurite, queue_name, *args)
+    assert result.returncode == 2, result.stderr
+    assert f"argument {option}" in result.stderr and value in result.stderr
+    assert "Traceback" not in result.stderr

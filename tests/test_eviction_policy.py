@@ -11,14 +11,15 @@ import httpx
 import pytest
 from conftest import AZURE_FIXTURES
 
-from supervisor.eviction import Drain, EvictionPolicy, Resume
+from supervisor import eviction
+from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
+from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
 from supervisor.imds_simulator import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
 )
-from worker.settings import DEFAULT_DRAIN_ON, EventsSettings
 
 VM = "vm-spot-07"
 NOT_BEFORE = datetime(2026, 11, 21, 14, 0, 30, tzinfo=timezone.utc).timestamp()  # the fixtures' Preempt
@@ -40,17 +41,17 @@ def served() -> Iterator[tuple[httpx.Client, AzureScheduledEvents]]:
 
 
 def observe_fixture(served: tuple[httpx.Client, AzureScheduledEvents], name: str, vm_name: str = VM,
-                    **settings: object) -> list[Drain | Resume]:
+                    **settings: object) -> list[EvictionNotice | NoticeWithdrawn]:
     ctl, source = served
     assert ctl.post("/simulate/document", content=(FIXTURES / name).read_bytes()).status_code == 200
     policy = EvictionPolicy(vm_name, dataclasses.replace(SETTINGS, **settings))
     return policy.observe(source.poll(), NOW)
 
 
-def only_drain(decisions: list[Drain | Resume], event_id: str) -> Drain:
+def only_drain(decisions: list[EvictionNotice | NoticeWithdrawn], event_id: str) -> EvictionNotice:
     assert len(decisions) == 1, decisions
     (drain,) = decisions
-    assert isinstance(drain, Drain) and drain.event.event_id == event_id
+    assert isinstance(drain, EvictionNotice) and drain.event.event_id == event_id
     return drain
 
 
@@ -169,50 +170,68 @@ def test_drain_is_emitted_once_per_event() -> None:
     assert p.observe(doc(2, event("E1"), event("X", resources=("other-vm",))), NOW + 2) == []
     assert p.observe(doc(3, event("E1", status="Started", not_before=None)), NOW + 3) == []
     (second,) = p.observe(doc(4, event("E1", status="Started", not_before=None), event("E2", "Reboot")), NOW + 4)
-    assert isinstance(second, Drain) and second.event.event_id == "E2"
+    assert isinstance(second, EvictionNotice) and second.event.event_id == "E2"
 
 
 def test_cancelled_before_not_before_resumes() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     (resume,) = p.observe(doc(2), NOT_BEFORE - 1)
-    assert resume == Resume("E1", resume.reason) and "cancelled" in resume.reason
+    assert resume == NoticeWithdrawn("E1", resume.reason) and "cancelled" in resume.reason
     assert p.observe(doc(3), NOT_BEFORE - 0.5) == []
 
 
-def test_disappearing_after_not_before_is_completion_not_cancellation() -> None:
+def test_disappearing_after_not_before_while_still_running_resumes() -> None:
+    # Issue 16 defect 7: this process is alive, so the VM was not evicted: it must not hold forever.
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    assert p.observe(doc(2), NOT_BEFORE + 1) == []
-    assert p.observe(doc(3, event("E1")), NOT_BEFORE + 2) == []  # a finished event never drains again
+    (withdrawn,) = p.observe(doc(2), NOT_BEFORE + 1)
+    assert withdrawn == NoticeWithdrawn("E1", withdrawn.reason) and "still running" in withdrawn.reason
 
 
-def test_disappearing_after_it_started_is_not_a_cancellation() -> None:
+def test_disappearing_after_it_started_while_still_running_resumes() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    p.observe(doc(2, event("E1", status="Started", not_before=None)), NOW + 1)
-    assert p.observe(doc(3), NOW + 2) == []
+    assert p.observe(doc(2, event("E1", status="Started", not_before=None)), NOW + 1) == []
+    (withdrawn,) = p.observe(doc(3), NOW + 2)
+    assert isinstance(withdrawn, NoticeWithdrawn) and withdrawn.event_id == "E1"
+
+
+def test_an_older_document_is_ignored() -> None:
+    p = policy()
+    p.observe(doc(5, event("E1")), NOW)
+    for i in range(4):  # a stale IMDS answer flapping with the current one
+        assert p.observe(doc(4), NOW + 1 + i) == []
+        assert p.observe(doc(5, event("E1")), NOW + 1.5 + i) == []
+
+
+def test_an_older_numbering_that_stays_is_taken_as_restarted() -> None:
+    p = policy()
+    p.observe(doc(50), NOW)
+    assert p.observe(doc(1, event("E1")), NOW + 1) == []
+    (notice,) = p.observe(doc(1, event("E1")), NOW + 1 + eviction.OLDER_INCARNATION_ACCEPTED_AFTER_S)
+    assert isinstance(notice, EvictionNotice)
 
 
 def test_a_cancelled_event_that_comes_back_drains_again() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
-    assert isinstance(p.observe(doc(2), NOW + 1)[0], Resume)
-    assert isinstance(p.observe(doc(3, event("E1")), NOW + 2)[0], Drain)
+    assert isinstance(p.observe(doc(2), NOW + 1)[0], NoticeWithdrawn)
+    assert isinstance(p.observe(doc(3, event("E1")), NOW + 2)[0], EvictionNotice)
 
 
 def test_event_moving_to_another_vm_counts_as_cancelled() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     (resume,) = p.observe(doc(2, event("E1", resources=("other-vm",))), NOW + 1)
-    assert isinstance(resume, Resume)
+    assert isinstance(resume, NoticeWithdrawn)
 
 
 def test_not_before_moved_later_is_tracked() -> None:
     p = policy()
     p.observe(doc(1, event("E1")), NOW)
     p.observe(doc(2, event("E1", not_before=NOT_BEFORE + 600)), NOW + 1)
-    assert isinstance(p.observe(doc(3), NOT_BEFORE + 10)[0], Resume)
+    assert isinstance(p.observe(doc(3), NOT_BEFORE + 10)[0], NoticeWithdrawn)
 
 
 @pytest.mark.parametrize("resources,ack,expected", [

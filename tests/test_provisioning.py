@@ -26,10 +26,10 @@ from supervisor.imds_simulator import ImdsSimulator
 from supervisor.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,
-    backoff_delay,
     resource_url,
     wait_for_provisioning,
 )
+from worker.backoff import Backoff, exponential_delay
 
 VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/spot-1"
 VMSS_VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/pool/virtualMachines/3"
@@ -211,11 +211,13 @@ def test_arguments_that_can_never_work_are_rejected_at_once() -> None:
 
 
 def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
-    assert backoff_delay(0, 1.0, 30.0, rand=lambda: 0.0) == 0.5
-    assert backoff_delay(0, 1.0, 30.0, rand=lambda: 1.0) == 1.0
-    assert backoff_delay(3, 1.0, 30.0, rand=lambda: 1.0) == 8.0
-    assert backoff_delay(10, 1.0, 30.0, rand=lambda: 1.0) == 30.0
-    assert 15.0 <= backoff_delay(1000, 1.0, 30.0) <= 30.0
+    assert exponential_delay(0, 1.0, 30.0) == 1.0
+    assert exponential_delay(3, 1.0, 30.0) == 8.0
+    assert exponential_delay(10, 1.0, 30.0) == 30.0
+    backoff = Backoff(1.0, 30.0, jitter="equal")  # the gate's: never sooner than half the grown delay
+    delays = [backoff.next_delay() for _ in range(1000)]
+    assert 0.5 <= delays[0] <= 1.0 and 4.0 <= delays[3] <= 8.0
+    assert all(15.0 <= d <= 30.0 for d in delays[5:])
 
 
 def test_supervisor_starts_workers_only_once_arm_reports_succeeded(fake_azure: FakeAzure, azurite: Azurite,

@@ -13,18 +13,18 @@ import httpx
 import pytest
 from conftest import AZURE_FIXTURES, free_port
 
-from supervisor.eviction import Decision, Drain, EvictionPolicy, Resume
+from supervisor.config import EventsSettings
+from supervisor.event_watcher import EventWatcher
+from supervisor.eviction import Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.imds import ImdsError
 from supervisor.imds_simulator import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
-    Backoff,
     EventsDocument,
-    EventWatcher,
     ScheduledEvent,
     parse_document,
 )
-from worker.settings import EventsSettings
+from worker.backoff import Backoff
 
 VM = "vm-spot-07"
 
@@ -95,16 +95,42 @@ def _doc_with(**changes: object) -> str:
     b"", b"not json", b"\xff\xfe", b"[]", b"null", b'"text"',
     b'{"Events": []}', b'{"DocumentIncarnation": 1}', b'{"DocumentIncarnation": "1", "Events": []}',
     b'{"DocumentIncarnation": true, "Events": []}', b'{"DocumentIncarnation": 1.5, "Events": []}',
-    b'{"DocumentIncarnation": 1, "Events": {}}', b'{"DocumentIncarnation": 1, "Events": ["x"]}',
-    _doc_with(EventId=...), _doc_with(EventId=7), _doc_with(EventType=...), _doc_with(EventStatus=None),
-    _doc_with(Resources="vm"), _doc_with(Resources=[1]), _doc_with(Resources=...), _doc_with(NotBefore=...),
-    _doc_with(NotBefore="tomorrow"), _doc_with(NotBefore=0), _doc_with(DurationInSeconds="5"),
-    _doc_with(EventSource=1),
+    b'{"DocumentIncarnation": 1, "Events": {}}',
 ], ids=repr)
 def test_parse_rejects_garbage(raw: bytes | str) -> None:
     with pytest.raises(ImdsError) as excinfo:
         parse_document(raw)
     assert "\n" not in str(excinfo.value)
+
+
+OTHER_VMS_EVENT = {**GOOD_EVENT, "EventId": "other", "Resources": ["vm-2"]}
+
+
+@pytest.mark.parametrize("bad", [
+    "x", {**OTHER_VMS_EVENT, "EventId": 7}, {k: v for k, v in OTHER_VMS_EVENT.items() if k != "EventType"},
+    {**OTHER_VMS_EVENT, "EventStatus": None}, {**OTHER_VMS_EVENT, "Resources": "vm"},
+    {**OTHER_VMS_EVENT, "Resources": [1]}, {k: v for k, v in OTHER_VMS_EVENT.items() if k != "Resources"},
+], ids=repr)
+def test_an_unreadable_event_is_skipped_and_the_others_still_count(bad: object) -> None:
+    # Issue 16 defect 4: one bad event rejected the whole document, hiding a Preempt for this VM.
+    doc = parse_document(json.dumps({"DocumentIncarnation": 3, "Events": [bad, GOOD_EVENT]}))
+    assert [e.event_id for e in doc.events] == ["x"]
+    assert len(doc.problems) == 1 and "Events[0]" in doc.problems[0] and "skipped" in doc.problems[0]
+    assert "\n" not in doc.problems[0]
+
+
+@pytest.mark.parametrize(("change", "read_as"), [
+    ({"DurationInSeconds": 7.5}, ("duration_s", -1)), ({"DurationInSeconds": "5"}, ("duration_s", -1)),
+    ({"EventSource": 1}, ("source", "")), ({"Description": None}, ("description", "")),
+    ({"NotBefore": "tomorrow"}, ("not_before", None)), ({"NotBefore": 0}, ("not_before", None)),
+    ({"NotBefore": ...}, ("not_before", None)),
+], ids=repr)
+def test_an_event_with_an_unreadable_detail_is_kept_with_a_default(change: dict[str, object],
+                                                                     read_as: tuple[str, object]) -> None:
+    event = {k: v for k, v in {**GOOD_EVENT, **change}.items() if v is not ...}
+    doc = parse_document(json.dumps({"DocumentIncarnation": 3, "Events": [event]}))
+    assert len(doc.problems) == 1 and "\n" not in doc.problems[0]
+    assert getattr(doc.events[0], read_as[0]) == read_as[1]
 
 
 def test_parse_tolerates_missing_optional_fields() -> None:
@@ -247,11 +273,9 @@ def watch(sim: ImdsSimulator) -> Iterator[callable]:
               ) -> tuple[EventWatcher, Recorder]:
         recorder = Recorder()
         source = AzureScheduledEvents(sim.url, settings.request_timeout_s, first_request_timeout_s=0.2)
-        watcher = EventWatcher(source, EvictionPolicy(VM, settings), on_decision or recorder,
-                               poll_interval_s=settings.poll_interval_s,
-                               backoff=backoff or Backoff(base_s=0.02, cap_s=0.2))
+        watcher = EventWatcher(source, settings, VM, backoff=backoff or Backoff(base_s=0.02, cap_s=0.2))
         started.append((watcher, source))
-        watcher.start()
+        watcher.watch(on_decision or recorder)
         return watcher, recorder
 
     yield start
@@ -284,7 +308,7 @@ def test_watcher_rides_out_faults_and_still_sees_a_later_eviction(ctl: httpx.Cli
     seen_at = time.monotonic()
     decisions = recorder.wait_for(1, timeout=2)
     assert time.monotonic() - seen_at < 1.0
-    assert len(decisions) == 1 and isinstance(decisions[0], Drain)
+    assert len(decisions) == 1 and isinstance(decisions[0], EvictionNotice)
     assert decisions[0].event.event_id == event_id and decisions[0].acknowledge
 
 
@@ -297,7 +321,7 @@ def test_watcher_does_not_read_errors_as_no_events(ctl: httpx.Client, watch) -> 
     wait_for_gets(ctl, before + 8)
     ctl.post("/simulate/faults", json={"mode": "garbage", "count": 1000})
     wait_for_gets(ctl, before + 14)
-    assert len(recorder.decisions) == 1  # no Resume: the event did not vanish, IMDS failed
+    assert len(recorder.decisions) == 1  # no NoticeWithdrawn: the event did not vanish, IMDS failed
     assert watcher.is_alive() and watcher.consecutive_failures > 0
 
 
@@ -317,7 +341,7 @@ def test_watcher_resumes_when_the_eviction_is_cancelled(ctl: httpx.Client, watch
     recorder.wait_for(1, 2)
     assert ctl.delete(f"/simulate/event/{event_id}").status_code == 200
     decisions = recorder.wait_for(2, 2)
-    assert [type(d) for d in decisions] == [Drain, Resume]
+    assert [type(d) for d in decisions] == [EvictionNotice, NoticeWithdrawn]
     assert decisions[1].event_id == event_id  # type: ignore[union-attr]
 
 
@@ -326,7 +350,7 @@ def test_watcher_drains_once_per_event(ctl: httpx.Client, watch) -> None:
     watcher, recorder = watch()
     recorder.wait_for(1, 2)
     incarnation = watcher.incarnation
-    # the event starts at NotBefore: a new incarnation, the same event, no second Drain
+    # the event starts at NotBefore: a new incarnation, the same event, no second EvictionNotice
     deadline = time.monotonic() + 3
     while watcher.incarnation == incarnation:
         assert time.monotonic() < deadline

@@ -13,16 +13,17 @@ import pytest
 import tomllib
 from conftest import REPO
 
-from worker.settings import (
-    SECTIONS,
-    ConfigError,
+from supervisor.config import (
     EventsSettings,
-    QueueSettings,
     ScalingSettings,
-    Settings,
     StartupSettings,
-    load_settings,
+    SupervisorSettings,
+    load_supervisor_settings,
+    unknown_env_variables,
 )
+from worker.settings import SUPERVISOR_SECTIONS, ConfigError, QueueSettings, Settings, load_settings, section_types
+
+SECTIONS = section_types(SupervisorSettings)
 
 DEFAULT_TOML = REPO / "config" / "default.toml"
 EX_CONFIG = 78
@@ -30,12 +31,12 @@ EX_CONFIG = 78
 BASE_ENV = {"SPOT_QUEUE_CONNECTION_STRING": "UseDevelopmentStorage=true", "SPOT_EVENTS_SOURCE": "none"}
 
 
-def load(tmp_path: Path, toml: str | None = None, **env: str) -> Settings:
+def load(tmp_path: Path, toml: str | None = None, **env: str) -> SupervisorSettings:
     path = None
     if toml is not None:
         path = tmp_path / "settings.toml"
         path.write_text(toml)
-    return load_settings(path, environ={**BASE_ENV, **env})
+    return load_supervisor_settings(path, environ={**BASE_ENV, **env})
 
 
 def config_error(tmp_path: Path, toml: str | None = None, **env: str) -> ConfigError:
@@ -60,8 +61,8 @@ def _toml_value(value: Any) -> Any:
 
 def test_default_toml_documents_exactly_the_dataclass_defaults() -> None:
     doc = tomllib.loads(DEFAULT_TOML.read_text())
-    defaults = Settings()
-    assert set(doc) == set(SECTIONS), "sections differ between config/default.toml and worker/settings.py"
+    defaults = SupervisorSettings()
+    assert set(doc) == set(SECTIONS), "sections differ between config/default.toml and the settings classes"
     for section in SECTIONS:
         fields = {f.name: getattr(getattr(defaults, section), f.name) for f in dataclasses.fields(getattr(defaults, section))}
         assert set(doc[section]) == set(fields), f"[{section}] keys differ between config/default.toml and the dataclass"
@@ -72,8 +73,8 @@ def test_default_toml_documents_exactly_the_dataclass_defaults() -> None:
 
 
 def test_loading_default_toml_gives_the_defaults() -> None:
-    loaded = load_settings(DEFAULT_TOML, environ=BASE_ENV)
-    expected = Settings(queue=QueueSettings(connection_string=BASE_ENV["SPOT_QUEUE_CONNECTION_STRING"]),
+    loaded = load_supervisor_settings(DEFAULT_TOML, environ=BASE_ENV)
+    expected = SupervisorSettings(queue=QueueSettings(connection_string=BASE_ENV["SPOT_QUEUE_CONNECTION_STRING"]),
                         events=EventsSettings(source="none"), source=str(DEFAULT_TOML))
     assert loaded == expected
 
@@ -167,7 +168,7 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path: Path, toml: str | None, 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings(tmp_path / "nope.toml", environ=BASE_ENV)
+        load_supervisor_settings(tmp_path / "nope.toml", environ=BASE_ENV)
     assert_one_line_naming(info.value, "--config")
     assert "nope.toml" in str(info.value)
 
@@ -203,16 +204,20 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 BAD_CONFIGS = {
     "batch_size": ("[queue]\nbatch_size = 33\n", "queue.batch_size"),
-    "unknown_key": ("[events]\nsourc = \"none\"\n", "events.sourc"),
+    "unknown_key": ("[queue]\nnaem = \"jobs\"\n", "queue.naem"),
+    "unknown_section": ("[queues]\nname = \"jobs\"\n", "queues"),
+    # The supervisor's sections: only the supervisor reads (and so checks) them.
+    "unknown_supervisor_key": ("[events]\nsourc = \"none\"\n", "events.sourc"),
 }
 COMMANDS = {
     "worker": [sys.executable, "-m", "worker", "--config"],
     "supervisor": [sys.executable, "-m", "supervisor", "run", "--config"],
 }
+CASES = [(command, bad) for command in sorted(COMMANDS) for bad in sorted(BAD_CONFIGS)
+         if not (command == "worker" and bad == "unknown_supervisor_key")]
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize("bad", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize(("command", "bad"), CASES)
 def test_bad_config_exits_78_with_one_line(tmp_path: Path, command: str, bad: str) -> None:
     toml, key = BAD_CONFIGS[bad]
     path = tmp_path / "bad.toml"
@@ -234,3 +239,153 @@ def test_worker_with_unimportable_handler_exits_78(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == EX_CONFIG, result.stderr
     assert "workload.handler" in result.stderr and "no_such_module_here" in result.stderr
+
+
+# -- each side reads its own sections from the one file -----------------------------------------
+
+
+def test_worker_and_supervisor_sections_are_in_step() -> None:
+    worker_sections = set(section_types(Settings))
+    assert worker_sections | set(SUPERVISOR_SECTIONS) == set(SECTIONS)
+    assert not worker_sections & set(SUPERVISOR_SECTIONS)
+
+
+def test_worker_settings_accept_the_supervisors_sections_unread(tmp_path: Path) -> None:
+    path = tmp_path / "both.toml"
+    path.write_text(DEFAULT_TOML.read_text() + '\n[scaling.sku.Standard_D2s_v3]\nworkers = 3\n')
+    settings = load_settings(path, environ={**BASE_ENV, "SPOT_QUEUE_NAME": "jobs"})
+    assert type(settings) is Settings and settings.queue.name == "jobs"
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, environ={**BASE_ENV, "SPOT_QUEUE_BATCH_SIZE": "33"})
+    assert "queue.batch_size" in str(info.value)
+
+
+def test_a_forked_worker_gets_the_supervisors_settings_as_its_own(tmp_path: Path) -> None:
+    s = load(tmp_path, SPOT_QUEUE_NAME="jobs", SPOT_SCALING_WORKERS="2")
+    assert isinstance(s, Settings) and s.queue.name == "jobs" and s.scaling.workers == 2
+
+
+# -- unknown SPOT_<SECTION>_<KEY> variables are named at start -------------------------------
+
+
+def test_unknown_env_variables_are_named() -> None:
+    env = {"SPOT_QUEUE_NAEM": "jobs", "SPOT_QUEUE_NAME": "jobs", "SPOT_EVENTS_POLL_INTERVAL": "2",
+           "SPOT_SAMPLE_RESULTS": "/tmp/x", "SPOT_CGROUP_ROOT": "/sys/fs/cgroup", "PATH": "/bin"}
+    warnings = unknown_env_variables(SupervisorSettings, env)
+    assert len(warnings) == 2, warnings
+    assert "SPOT_EVENTS_POLL_INTERVAL" in warnings[0] and "did you mean SPOT_EVENTS_POLL_INTERVAL_S" in warnings[0]
+    assert "SPOT_QUEUE_NAEM" in warnings[1] and "did you mean SPOT_QUEUE_NAME" in warnings[1]
+
+
+def test_plan_warns_about_an_unknown_variable_by_name(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "supervisor", "plan", "--json"],
+                            env=_clean_env(SPOT_QUEUE_NAEM="jobs", SPOT_SCALING_WORKERS="2"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "SPOT_QUEUE_NAEM" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], result.stderr
+    assert "SPOT_SCALING_WORKERS" not in result.stderr
+
+
+def test_plan_imports_no_consumer_code(tmp_path: Path) -> None:
+    probe = ("import sys\n"
+             "from supervisor import cli\n"
+             "code = cli.main(['plan', '--json'])\n"
+             "heavy = sorted(m for m in sys.modules if m in ('worker.process', 'worker.runtime', 'worker.consumer',\n"
+             "               'worker.queue_client', 'worker.lease', 'supervisor.arbiter') or m.startswith('azure.storage'))\n"
+             "print('LOADED', heavy, file=sys.stderr)\n"
+             "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=_clean_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stderr, result.stderr
+
+
+# -- numbers: finite and bounded, so nothing overflows later (issue 16, defect 8) ----------------
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    return [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if f.type in (float, "float")]
+
+
+def test_there_are_float_keys_to_check() -> None:
+    assert ("events", "poll_interval_s") in _float_keys() and ("shutdown", "drain_timeout_s") in _float_keys()
+
+
+@pytest.mark.parametrize(("section", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+def test_every_float_key_refuses_infinite_and_huge_values(tmp_path: Path, section: str, key: str, value: str) -> None:
+    exc = config_error(tmp_path, **{f"SPOT_{section}_{key}".upper(): value})
+    assert exc.key.startswith(f"{section}.{key}"), exc
+    assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("toml", ["[shutdown]\ndrain_timeout_s = inf\n", "[events]\npoll_interval_s = nan\n",
+                                  "[scaling.sku.Standard_D2s_v3]\nrespawn_delay_max_s = 1e300\n"])
+def test_toml_infinities_are_refused_too(tmp_path: Path, toml: str) -> None:
+    exc = config_error(tmp_path, toml)
+    assert "\n" not in str(exc) and exc.key.split(".")[0] in ("shutdown", "events", "scaling")
+
+
+def test_the_bounds_leave_room_for_real_values(tmp_path: Path) -> None:
+    s = load(tmp_path, SPOT_SHUTDOWN_DRAIN_TIMEOUT_S="3600", SPOT_EVENTS_POLL_INTERVAL_S="0.25",
+             SPOT_STARTUP_PROVISIONING_TIMEOUT_S="7200", SPOT_QUEUE_RETRY_DELAY_MAX_S="86400")
+    assert (s.shutdown.drain_timeout_s, s.events.poll_interval_s) == (3600.0, 0.25)
+
+
+# -- connection strings the Storage SDK would reject in every worker -----------------------------
+
+AZURITE_STYLE = ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+                 "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;")
+
+
+@pytest.mark.parametrize("text", [
+    "UseDevelopmentStorage=true",
+    AZURITE_STYLE,
+    "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;EndpointSuffix=core.windows.net",
+    "QueueEndpoint=https://acct.queue.core.windows.net/;SharedAccessSignature=sv=2022-11-02&sig=abc%3D",
+])
+def test_connection_strings_accepted(tmp_path: Path, text: str) -> None:
+    assert load(tmp_path, SPOT_QUEUE_CONNECTION_STRING=text).queue.connection_string == text
+
+
+@pytest.mark.parametrize("text", [
+    "not a connection string",
+    "AccountName=acct;garbage",
+    "AccountKey=a2V5",                                       # no account
+    "AccountName=acct",                                      # no credential
+    "AccountName=acct;AccountKey=not base64!",
+    "DefaultEndpointsProtocol=ftp;AccountName=acct;AccountKey=a2V5",
+    "QueueEndpoint=acct.queue.core.windows.net;SharedAccessSignature=sig",
+])
+def test_connection_strings_refused_at_load(tmp_path: Path, text: str) -> None:
+    exc = config_error(tmp_path, SPOT_QUEUE_CONNECTION_STRING=text)
+    assert_one_line_naming(exc, "queue.connection_string")
+    assert text not in str(exc)  # it may hold a key
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_an_unparseable_connection_string_exits_78_not_a_crash_loop(tmp_path: Path, command: str) -> None:
+    result = subprocess.run([*COMMANDS[command], str(DEFAULT_TOML)], cwd=tmp_path, capture_output=True, text=True,
+                            env=_clean_env(SPOT_QUEUE_CONNECTION_STRING="AccountName=acct;garbage"), timeout=30)
+    assert result.returncode == EX_CONFIG, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "queue.connection_string" in lines[0], result.stderr
+
+
+# -- a handler module that calls sys.exit() while being imported ---------------------------------
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_handler_calling_sys_exit_at_import_exits_78(tmp_path: Path, command: str) -> None:
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(3)\n\ndef handle(message, ctx):\n    pass\n")
+    env = _clean_env(SPOT_QUEUE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                     "AccountKey=a2V5;QueueEndpoint=http://127.0.0.1:9/devstoreaccount1;",
+                     SPOT_WORKLOAD_HANDLER="exits_at_import:handle", SPOT_SCALING_WORKERS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    result = subprocess.run([*COMMANDS[command], str(DEFAULT_TOML)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "workload.handler" in result.stderr and "sys.exit(3)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from supervisor import sizing
+from supervisor.config import ScalingSettings
 from supervisor.sizing import Plan, Resources, compute_plan, format_plan, read_resources
-from worker.settings import ScalingSettings
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
@@ -296,7 +296,9 @@ def test_plan_json_and_text() -> None:
     plan = compute_plan(ScalingSettings(), "scale-out", res(2, memory_mb=4000), "Standard_D2s_v3")
     data = json.loads(json.dumps(plan.to_dict()))
     assert data == {"mode": "scale-out", "workers": 2, "threads": 1, "usable_cpus": 2, "available_memory_mb": 4000,
-                    "vm_size": "Standard_D2s_v3", "reasons": list(plan.reasons)}
+                    "vm_size": "Standard_D2s_v3", "reasons": list(plan.reasons), "gpus": [], "gpu_per_slot": False,
+                    "slots": [{"slot": 0, "gpu": None, "cuda_visible_devices": None},
+                              {"slot": 1, "gpu": None, "cuda_visible_devices": None}]}
     text = format_plan(plan)
     assert "workers:  2" in text and "Standard_D2s_v3" in text and "why:" in text
     assert isinstance(plan, Plan)

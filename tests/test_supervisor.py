@@ -555,3 +555,61 @@ def test_sigquit_stops_fast_and_releases_held_messages(azurite: Azurite, queue: 
 
 def visible_ids_peek(queue: QueueClient) -> list[str]:
     return [m.id for m in queue.peek_messages(max_messages=32)]
+
+
+# --- 11. limits and liveness (issue 16) ---------------------------------------------------------------------
+
+
+def test_sighups_are_coalesced_so_one_generation_starts_at_a_time(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                                   tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2")
+    env["SUP_IMPORT_DELAY_S"] = "1.0"  # a slow handler import: each generation takes a second to be ready
+    sup = start(env)
+    wait_until(lambda: "ready:" in sup.log(), 15, "the first workers to be ready")
+    most = 0
+    for _ in range(20):  # 20 SIGHUPs in 5 s
+        sup.send(signal.SIGHUP)
+        for _ in range(5):
+            most = max(most, len(sup.worker_pids()))
+            time.sleep(0.05)
+    until = time.monotonic() + 4
+    while time.monotonic() < until:
+        most = max(most, len(sup.worker_pids()))
+        time.sleep(0.05)
+    # At most the running generation, one starting and one draining: 3 x 2 workers (42 before coalescing).
+    assert most <= 6, f"{most} workers at once"
+    sup.wait_for_workers(2, timeout=30)
+    assert "reloading again once they are ready" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+
+
+def test_ttin_never_goes_past_max_workers(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                          tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    sup = start(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1", scaling_max_workers="3"))
+    sup.wait_for_workers(1)
+    for _ in range(10):
+        sup.send(signal.SIGTTIN)
+        time.sleep(0.05)
+    three = sup.wait_for_workers(3)
+    time.sleep(1.5)
+    assert sup.worker_pids() == three
+    assert "at most scaling.max_workers 3" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+
+
+def test_a_worker_that_stops_answering_is_killed_and_replaced(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    sup = start(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1",
+                           scaling_worker_timeout_s="2"))
+    wait_until(lambda: "ready:" in sup.log(), 15, "the worker to be ready")
+    [stuck] = sup.wait_for_workers(1)
+    os.kill(stuck, signal.SIGSTOP)  # alive, but answers nothing
+    wait_until(lambda: f"worker {stuck} sent nothing for" in sup.log(), 10, "the silent worker to be noticed")
+    [replacement] = wait_until(lambda: (pids := sup.worker_pids() - {stuck}) and pids, 10, "a replacement worker")
+    assert not psutil.pid_exists(stuck) or psutil.Process(stuck).status() == psutil.STATUS_ZOMBIE
+    assert "killed for not answering" in sup.log()
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+    assert replacement != stuck

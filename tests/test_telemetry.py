@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from supervisor.metrics import SupervisorMetrics
 from worker.settings import ConfigError, TelemetrySettings
 from worker.telemetry import Telemetry, setup_telemetry
 
@@ -108,9 +109,10 @@ def exercise(telemetry: Telemetry) -> None:
     telemetry.record_message("failed", 1.5)
     telemetry.inflight(1)
     telemetry.inflight(-1)
-    telemetry.record_drain(3.0, "Preempt")
-    telemetry.record_eviction_notice("Preempt")
-    telemetry.record_worker_respawn()
+    metrics = SupervisorMetrics(telemetry.meter)
+    metrics.record_drain(3.0, "Preempt")
+    metrics.record_eviction_notice("Preempt")
+    metrics.record_worker_respawn()
 
 
 def test_exports_spans_metrics_and_logs(ingestion: Ingestion) -> None:
@@ -190,7 +192,7 @@ def test_shutdown_is_bounded_when_ingestion_is_unreachable(monkeypatch: pytest.M
 def test_set_up_after_fork_exports_from_the_child(ingestion: Ingestion) -> None:
     settings = TelemetrySettings(connection_string=ingestion.connection_string, service_name="spot-test")
     parent = setup_telemetry(settings, "supervisor")
-    parent.record_worker_respawn("parent-only")  # sits in the parent's metric reader until its shutdown
+    SupervisorMetrics(parent.meter).record_worker_respawn("parent-only")  # sits in the parent's metric reader until its shutdown
     parent_instance = f"{socket.gethostname()}:{os.getpid()}"
 
     pid = os.fork()
@@ -222,3 +224,21 @@ def test_set_up_after_fork_exports_from_the_child(ingestion: Ingestion) -> None:
     parent.shutdown()
     assert parent_instance in ingestion.role_instances()
     assert "spot.worker.respawns" in ingestion.metric_names()
+
+
+def test_gpu_of_a_worker_is_on_its_spans_and_metric_points(ingestion: Ingestion) -> None:
+    from supervisor.gpus import Gpu, gpu_attributes
+
+    gpu = gpu_attributes(Gpu(2, "GPU-5b1c2d3e-aaaa-bbbb-cccc-000000000002", "NVIDIA H100 NVL", 95830))
+    settings = TelemetrySettings(connection_string=ingestion.connection_string, service_name="spot-test")
+    telemetry = setup_telemetry(settings, "worker", {"spot.worker.index": "2", **gpu}, point_attributes=gpu)
+    try:
+        exercise(telemetry)
+    finally:
+        telemetry.shutdown()
+    requests = ingestion.of_type("RequestData")
+    assert requests and all(r["properties"]["spot.gpu.uuid"] == gpu["spot.gpu.uuid"] for r in requests)
+    points = [m for m in ingestion.of_type("MetricData") if m["metrics"][0]["name"] == "spot.messages.processed"]
+    assert points and all(p["properties"]["spot.gpu.index"] == "2" and "outcome" in p["properties"] for p in points)
+    resource = next(m["properties"] for m in ingestion.of_type("MetricData") if m["metrics"][0]["name"] == "_OTELRESOURCE_")
+    assert resource["spot.gpu.name"] == "NVIDIA H100 NVL"

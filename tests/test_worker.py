@@ -34,10 +34,10 @@ from waiting import wait_until
 from worker.consumer import Consumer, Shared, release_pending
 from worker.lease import Lease
 from worker.message import Codec, Envelope
+from worker.poisoned import read_poisoned
 from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
-    EventsSettings,
     QueueSettings,
     Settings,
     TelemetrySettings,
@@ -65,12 +65,11 @@ def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def settings_for(azurite: Azurite, name: str, **queue: Any) -> Settings:
-    """Test settings: events.source "none" and a local endpoint, so IMDS is never contacted."""
+    """A worker's test settings (a worker never contacts IMDS: that is the supervisor's)."""
     defaults: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2}
     settings = Settings(
         queue=QueueSettings(connection_string=azurite.connection_string, name=name, **{**defaults, **queue}),
         workload=WorkloadSettings(handler=HANDLER),
-        events=EventsSettings(source="none", endpoint="http://127.0.0.1:9"),
     )
     validate(settings)
     return settings
@@ -88,13 +87,18 @@ def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
 
     yield start
     for runtime in started:
-        runtime.drain(time.time() + 5)
+        runtime.stop_receiving(time.time() + 5)
         deadline = time.monotonic() + 5
         while not runtime.idle() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not runtime.idle():
             runtime.abandon()
         runtime.close()
+
+
+def poisoned_originals(client: QueueClient) -> list[str]:
+    """The original text of every message in a poison queue (up to 32), without the note in front of it."""
+    return [read_poisoned(text)[0] for text in peek_texts(client)]
 
 
 def peek_texts(client: QueueClient) -> list[str]:
@@ -185,7 +189,13 @@ def test_failures_retry_with_growing_delay_then_poison_the_original(
     runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=3, retry_delay_s=1.0))
 
     wait_until(lambda: len(peek_texts(poison)) == 2, 15, what="both messages in the poison queue")
-    assert sorted(peek_texts(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
+    assert sorted(poisoned_originals(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
+    notes = {note.message_id: note for note in (read_poisoned(t)[1] for t in peek_texts(poison)) if note is not None}
+    assert set(notes) == {plain.id, checkpointed.id}
+    why = "handler failed 3 times (max_dequeue_count 3); last: RuntimeError: failing on purpose (attempt 3)"
+    assert {(n.reason, n.dequeue_count) for n in notes.values()} == {(why, 3)}
+    assert notes[plain.id].inserted_on is not None and plain.inserted_on is not None
+    assert datetime.fromisoformat(notes[plain.id].inserted_on) == plain.inserted_on
     assert message_count(queue) == 0
     assert message_count(poison) == 2
     attempts = by_id(read_records(record_path, "start"))
@@ -264,7 +274,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     wait_until(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     texts = wait_until(lambda: len(peek_texts(queue)) == 9 and peek_texts(queue), 1.0, interval=0.01,
                      what="the 9 unstarted messages to be visible again")
     assert time.monotonic() - began <= 1.0
@@ -325,7 +335,10 @@ def test_base64_messages_checkpoints_and_undecodable_poison(azurite: Azurite, qu
     assert {s["body"] for s in starts} == {text, checkpointed}  # the undecodable ones never reached the handler
     resumed = [s for s in starts if s["body"] == checkpointed and s["dequeue_count"] == 2]
     assert [s["state"] for s in resumed] == [{"k": "välue ✓"}]  # checkpoint round-tripped through base64
-    assert sorted(peek_texts(poison)) == sorted(raw[1:])
+    assert sorted(poisoned_originals(poison)) == sorted(raw[1:])
+    reasons = sorted(note.reason for note in (read_poisoned(t)[1] for t in peek_texts(poison)) if note is not None)
+    assert [r.partition(";")[0].partition(":")[0] for r in reasons] == [
+        "handler failed 1 times (max_dequeue_count 1)", "undecodable (base64)", "undecodable (base64)"], reasons
     assert runtime.stats()["poisoned"] == 3 and runtime.stats()["succeeded"] == 1
 
 
@@ -404,7 +417,7 @@ def test_empty_queue_polls_back_off_and_drain_wakes_an_idle_worker(azurite: Azur
     assert gaps[0] < 0.15 and max(gaps) >= 0.35 and max(gaps) <= 2.3, gaps
 
     began = time.monotonic()
-    runtime.drain(time.time() + 30)
+    runtime.stop_receiving(time.time() + 30)
     wait_until(lambda: not any(t.is_alive() for t in runtime.consumer_threads), 0.2, interval=0.005,
              what="the sleeping consumer to wake and stop")
     assert runtime.idle()
@@ -490,7 +503,7 @@ def test_a_handler_calling_sys_exit_fails_the_message_not_the_consumer(
     runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=1))
     poison = azurite.queue(f"{queue_name}-poison")
     wait_until(lambda: runtime.stats()["poisoned"] == 1, 10, what="the message to be poisoned")
-    assert peek_texts(poison) == [json.dumps({"exit": 3})]
+    assert poisoned_originals(poison) == [json.dumps({"exit": 3})]
     queue.send_message(json.dumps({"n": 1}))
     wait_until(lambda: runtime.stats()["succeeded"] == 1, 10, what="the same consumer to go on")
     assert not runtime.crashed()

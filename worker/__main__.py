@@ -7,10 +7,11 @@ SIGTERM/SIGINT drain within shutdown.drain_timeout_s, SIGQUIT releases at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from worker.logs import setup_logging
-from worker.process import EX_CONFIG, WorkerProcess
+from worker.process import WorkerProcess
 from worker.settings import ConfigError, load_settings
 from worker.telemetry import setup_telemetry
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     setup_logging(settings.telemetry.log_level, "worker")
     telemetry = setup_telemetry(settings.telemetry, "worker")
     try:

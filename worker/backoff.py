@@ -1,23 +1,34 @@
-"""Exponential backoff with full jitter, shared by the queue consumer and the IMDS watcher."""
+"""Exponential backoff: the one growth formula, and full jitter for retry loops."""
 
 from __future__ import annotations
 
 import random
+from typing import Literal
+
+
+def exponential_delay(attempt: int, base_s: float, cap_s: float) -> float:
+    """base_s * 2**attempt, at most cap_s (attempt 0 gives base_s). No jitter: callers choose theirs."""
+    return min(cap_s, base_s * (2 ** min(max(attempt, 0), 32)))
 
 
 class Backoff:
-    """Delays drawn from uniform(0, min(cap, base * 2**failures)); reset() after a success."""
+    """Delays for a retry loop, growing with each failure up to cap_s; reset() after a success.
 
-    def __init__(self, base_s: float = 0.5, cap_s: float = 4.0, rng: random.Random | None = None) -> None:
+    jitter "full": uniform(0, d) (many clients of one service spread out best);
+    "equal": uniform(d/2, d) (one waiter that should not retry too early), d = exponential_delay(failures)."""
+
+    def __init__(self, base_s: float = 0.5, cap_s: float = 4.0, rng: random.Random | None = None,
+                 jitter: Literal["full", "equal"] = "full") -> None:
         self.base_s = base_s
         self.cap_s = cap_s
+        self.jitter = jitter
         self.failures = 0
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** min(self.failures, 32)))
+        ceiling = exponential_delay(self.failures, self.base_s, self.cap_s)
         self.failures += 1
-        return self._rng.uniform(0.0, ceiling)
+        return self._rng.uniform(0.0 if self.jitter == "full" else ceiling / 2, ceiling)
 
     def reset(self) -> None:
         self.failures = 0

@@ -13,14 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
-from worker.backoff import Backoff
-from worker.context import Context, DrainSignal
+from worker.backoff import Backoff, exponential_delay
+from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
+from worker.poisoned import poisoned_text
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
 from worker.telemetry import MESSAGE_OUTCOMES, Telemetry, mark_failed
@@ -54,7 +56,7 @@ class Shared:
     telemetry: Telemetry
     codec: Codec
     leases: LeaseTable = field(default_factory=LeaseTable)
-    drain: DrainSignal = field(default_factory=DrainSignal)
+    stop: StopSignal = field(default_factory=StopSignal)  # handlers' view: ctx.draining, ctx.deadline
     stop_receiving: threading.Event = field(default_factory=threading.Event)
     counters: Counters = field(default_factory=Counters)
     _poison: QueueClient | None = None
@@ -71,7 +73,7 @@ class Shared:
 
 def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
-    delay = min(settings.retry_delay_max_s, settings.retry_delay_s * 2 ** max(0, failures - 1))
+    delay = exponential_delay(failures - 1, settings.retry_delay_s, settings.retry_delay_max_s)
     return max(1, round(delay * random.uniform(0.8, 1.2)))
 
 
@@ -84,6 +86,7 @@ class Consumer:
         self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
+        self.last_error = ""  # of this consumer's last failed handler call
 
     def receive_count(self) -> int:
         """How many messages to take: about prefetch_s of work, so slow handlers on one VM
@@ -125,7 +128,7 @@ class Consumer:
         """Receive and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
         counters = self.shared.counters
-        with counters.lock:  # checked and counted together: WorkerRuntime.drain sets stop under this lock
+        with counters.lock:  # checked and counted together: WorkerRuntime.stop_receiving sets it under this lock
             if self.shared.stop_receiving.is_set():
                 return None
             counters.receiving += 1
@@ -154,7 +157,7 @@ class Consumer:
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
         for lease, message, prior_failures in batch:
-            if self.shared.drain.active:
+            if self.shared.stop.is_set:
                 # Checked before every message, not once per batch: the drain releases pending leases one
                 # request at a time, and the next message of this batch must not start meanwhile.
                 release_pending(self.shared)
@@ -171,21 +174,22 @@ class Consumer:
             envelope, body = self.shared.codec.open(text)
         except UndecodableMessage as exc:
             lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", Envelope(text), self.settings.visibility_timeout_s)
-            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}")
+            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}", qm.dequeue_count, qm.inserted_on)
             return None
         lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
         dequeue_count = qm.dequeue_count or 1
         prior_failures = max(0, dequeue_count - 1 - envelope.releases)
         if prior_failures >= self.settings.max_dequeue_count:
             # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
-            self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})")
+            self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})",
+                        dequeue_count, qm.inserted_on)
             return None
         self.shared.leases.add(lease)
         return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
 
     def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
         shared = self.shared
-        ctx = Context(lease, shared.codec, shared.drain, handler_log)
+        ctx = Context(lease, shared.codec, shared.stop, handler_log)
         with shared.counters.lock:
             shared.counters.running += 1
         shared.telemetry.inflight(1)
@@ -199,7 +203,7 @@ class Consumer:
             elif outcome == "interrupted":
                 self.settle_release(lease, outcome)
             else:
-                self.settle_failure(lease, prior_failures + 1)
+                self.settle_failure(lease, prior_failures + 1, message)
         finally:
             with shared.counters.lock:
                 shared.counters.running -= 1
@@ -217,6 +221,7 @@ class Consumer:
             mark_failed(span, exc)
             handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
                                 message.dequeue_count, type(exc).__name__, exc, exc_info=True)
+            self.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())  # for the poison note, one line
             return "failed"
         return "succeeded"
 
@@ -234,15 +239,18 @@ class Consumer:
     def settle_release(self, lease: Lease, outcome: str) -> None:
         self.settle(lease, outcome, lease.release)
 
-    def settle_failure(self, lease: Lease, failures: int) -> None:
+    def settle_failure(self, lease: Lease, failures: int, message: Message | None = None) -> None:
         if failures >= self.settings.max_dequeue_count:
-            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count})")
+            last = f"; last: {self.last_error}" if self.last_error else ""
+            self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
+                        message.dequeue_count if message else None, message.inserted_on if message else None)
             return
         self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)))
 
-    def poison(self, lease: Lease, reason: str) -> None:
+    def poison(self, lease: Lease, reason: str, dequeue_count: int | None = None, inserted_on: datetime | None = None) -> None:
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
-        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client()))
+        text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
+        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text))
 
 
 def release_pending(shared: Shared) -> int:

@@ -19,28 +19,36 @@ from worker.message import (
 )
 
 
-class DrainSignal:
-    """Set once per process when a drain starts; shared by every handler thread."""
+class StopSignal:
+    """Set when this worker process is told to stop (a drain, a signal, the supervisor gone).
+
+    The one holder of the process's deadline: handlers read it as `ctx.draining`
+    and `ctx.deadline`, the worker's loop as `WorkerRuntime.deadline`. It only
+    ever moves earlier.
+    """
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._set = threading.Event()
         self.deadline: float | None = None  # time.time() epoch seconds
 
-    def start(self, deadline: float) -> None:
-        if self.deadline is None or deadline < self.deadline:
+    def set(self, deadline: float) -> bool:
+        """True when this moved the deadline (first stop, or an earlier deadline)."""
+        moved = self.deadline is None or deadline < self.deadline
+        if moved:
             self.deadline = deadline
-        self.event.set()
+        self._set.set()
+        return moved
 
     @property
-    def active(self) -> bool:
-        return self.event.is_set()
+    def is_set(self) -> bool:
+        return self._set.is_set()
 
 
 class Context:
-    def __init__(self, lease: Lease, codec: Codec, drain: DrainSignal, logger: logging.Logger) -> None:
+    def __init__(self, lease: Lease, codec: Codec, stop: StopSignal, logger: logging.Logger) -> None:
         self._lease = lease
         self._codec = codec
-        self._drain = drain
+        self._stop = stop
         self.logger = logger
 
     @property
@@ -54,16 +62,16 @@ class Context:
 
     @property
     def draining(self) -> bool:
-        return self._drain.active
+        return self._stop.is_set
 
     @property
     def deadline(self) -> datetime | None:
         """When work must stop (None until a drain starts)."""
-        d = self._drain.deadline
+        d = self._stop.deadline
         return None if d is None else datetime.fromtimestamp(d, timezone.utc)
 
     def time_left(self) -> float | None:
-        d = self._drain.deadline
+        d = self._stop.deadline
         return None if d is None else max(0.0, d - time.time())
 
     def checkpoint(self, state: Any) -> bool:

@@ -1,9 +1,7 @@
 """The control channel between the supervisor and one worker: JSON lines over a socketpair.
 
-supervisor → worker: {"kind": "drain", "deadline": epoch_s}, {"kind": "abandon"}
-worker → supervisor: {"kind": "ready"}, {"kind": "stats", ...counts},
-                     {"kind": "draining", "at": epoch_s} (stopped receiving),
-                     {"kind": "drained", ...counts}, {"kind": "fatal", "code": n, "error": text}
+Every message is an object with a "kind" (one of `Kind`) and the fields listed there.
+Worker messages also carry "pid".
 """
 
 from __future__ import annotations
@@ -14,6 +12,20 @@ import socket
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class Kind:
+    """The message kinds, in one place."""
+
+    # supervisor → worker
+    DRAIN = "drain"  # "deadline": epoch s. Stop receiving, give back unstarted messages, finish by then.
+    ABANDON = "abandon"  # the deadline passed: give back everything still held and exit
+    # worker → supervisor
+    READY = "ready"  # "threads": consumers running
+    STATS = "stats"  # counts, every STATS_INTERVAL_S (also the worker's heartbeat)
+    STOPPED_RECEIVING = "stopped_receiving"  # "at": epoch s when the last receive was refused
+    EXITING = "exiting"  # final counts, "abandoned": whether the deadline cut handlers short
+    FATAL = "fatal"  # "code": exit code, "error": one line. The worker cannot start.
 
 
 class Channel:

@@ -6,6 +6,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from worker.text import one_line
+
 Handler = Callable[..., Any]
 
 
@@ -17,8 +19,10 @@ def load_handler(ref: str) -> Handler:
     module_name, _, attr_path = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as exc:  # sys.exit() at import: a crash loop if it escaped, so a configuration problem too
+        raise HandlerImportError(f"workload.handler: module {module_name!r} called sys.exit({exc.code!r}) while being imported") from None
     except Exception as exc:  # any error while importing user code is a configuration problem
-        raise HandlerImportError(f"workload.handler: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise HandlerImportError(f"workload.handler: cannot import module {module_name!r}: {type(exc).__name__}: {one_line(exc)}") from exc
     target: Any = module
     for part in attr_path.split("."):
         try:

@@ -86,11 +86,11 @@ class Lease:
     def delete(self) -> bool:
         return self._guarded("delete", lambda: self.client.delete_message(self.id, self.pop_receipt), finish=True)
 
-    def move_to(self, poison: QueueClient) -> bool:
-        """Copy the original text to the poison queue, then delete: never the other way round. Under the
-        lock, so a message released meanwhile (deadline) is not copied while it is back on the queue."""
+    def move_to(self, poison: QueueClient, text: str | None = None) -> bool:
+        """Copy `text` (default: the original text) to the poison queue, then delete: never the other way round.
+        Under the lock, so a message released meanwhile (deadline) is not copied while it is back on the queue."""
         def move() -> None:
-            poison.send_message(self.envelope.original, time_to_live=-1)  # poison never expires by itself
+            poison.send_message(self.envelope.original if text is None else text, time_to_live=-1)  # never expires
             self.client.delete_message(self.id, self.pop_receipt)
 
         return self._guarded("move to poison", move, finish=True)

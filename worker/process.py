@@ -15,7 +15,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from worker.control import Channel
+from worker.control import Channel, Kind
 from worker.handler import HandlerImportError
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
@@ -23,7 +23,6 @@ from worker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-EX_CONFIG = 78
 STATS_INTERVAL_S = 1.0
 
 
@@ -36,8 +35,6 @@ class WorkerProcess:
         self.channel = channel
         self.parent_pid = parent_pid
         self.signals: list[int] = []
-        self.deadline: float | None = None
-        self.drain_started: float | None = None
         self._wake_r, self._wake_w = os.pipe()
 
     def _record_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -58,24 +55,24 @@ class WorkerProcess:
             runtime = WorkerRuntime(self.settings, self.telemetry, self.threads)
         except HandlerImportError as exc:
             log.error("%s", exc)
-            self._send("fatal", code=EX_CONFIG, error=str(exc))
-            return EX_CONFIG
+            self._send(Kind.FATAL, code=os.EX_CONFIG, error=str(exc))
+            return os.EX_CONFIG
         runtime.start()
-        self._send("ready", threads=self.threads)
+        self._send(Kind.READY, threads=self.threads)
         try:
             code = self._loop(runtime)
         finally:
             runtime.close()
         stats = runtime.stats()
         log.info("worker exiting: %s", _format_counts(stats))
-        self._send("drained", abandoned=runtime.abandoned, **stats)
+        self._send(Kind.EXITING, abandoned=runtime.abandoned, **stats)
         return code
 
     def _loop(self, runtime: WorkerRuntime) -> int:
         """Runs until drained (0), or until a consumer thread died (1: the supervisor respawns the process)."""
         next_stats = 0.0
         while True:
-            self._wait_for_input()
+            self._wait_for_input(runtime)
             self._act_on_signals(runtime)
             self._act_on_control(runtime)
             now = time.time()
@@ -83,21 +80,21 @@ class WorkerProcess:
                 log.error("a consumer thread died: releasing held messages, exiting for a fresh process")
                 runtime.abandon()
                 return 1
-            if self.deadline is not None:
+            if runtime.deadline is not None:
                 if runtime.idle():
                     return 0
-                if now >= self.deadline:
+                if now >= runtime.deadline:
                     runtime.abandon()
                     return 0
             if self.channel is not None and now >= next_stats:
-                self._send("stats", **runtime.stats())
+                self._send(Kind.STATS, **runtime.stats())
                 next_stats = now + STATS_INTERVAL_S
 
-    def _wait_for_input(self) -> None:
+    def _wait_for_input(self, runtime: WorkerRuntime) -> None:
         readable: list[int] = [self._wake_r]
         if self.channel is not None and not self.channel.closed:
             readable.append(self.channel.fileno())
-        timeout = 0.05 if self.deadline is not None else 0.5
+        timeout = 0.05 if runtime.deadline is not None else 0.5
         try:
             ready, _, _ = select.select(readable, [], [], timeout)
         except InterruptedError:
@@ -122,24 +119,21 @@ class WorkerProcess:
         if self.channel is None:
             return
         for message in self.channel.receive():
-            if message["kind"] == "drain":
+            if message["kind"] == Kind.DRAIN:
                 self.begin_drain(runtime, float(message.get("deadline") or time.time()))
-            elif message["kind"] == "abandon":
+            elif message["kind"] == Kind.ABANDON:
                 self.begin_drain(runtime, time.time())
         orphaned = self.parent_pid is not None and os.getppid() != self.parent_pid
         if self.channel.closed or orphaned:
-            if self.deadline is None or self.deadline > time.time():
+            if runtime.deadline is None or runtime.deadline > time.time():
                 log.warning("supervisor is gone: releasing held messages and exiting")
                 self.begin_drain(runtime, time.time())
 
     def begin_drain(self, runtime: WorkerRuntime, deadline: float) -> None:
-        if self.deadline is not None and deadline >= self.deadline:
+        if runtime.deadline is not None and deadline >= runtime.deadline:
             return
-        self.deadline = deadline
-        if self.drain_started is None:
-            self.drain_started = time.time()
-        runtime.drain(deadline)
-        self._send("draining", at=runtime.stopped_receiving_at, deadline=deadline)
+        if runtime.stop_receiving(deadline):
+            self._send(Kind.STOPPED_RECEIVING, at=runtime.stopped_receiving_at)
 
     def _send(self, kind: str, **fields: Any) -> None:
         if self.channel is not None:

@@ -1,4 +1,4 @@
-"""One worker process's consumers: T consumer threads, a lease keeper, drain and abandon."""
+"""One worker process's consumers: T consumer threads, a lease keeper; stop receiving, abandon."""
 
 from __future__ import annotations
 
@@ -47,21 +47,31 @@ class WorkerRuntime:
             log.exception("consumer %d crashed; its held messages reappear after their lease", consumer.index)
             raise
 
-    def drain(self, deadline: float) -> int:
-        """Stop receiving, release unstarted messages, let running handlers see ctx.draining."""
-        self.shared.drain.start(deadline)
+    @property
+    def deadline(self) -> float | None:
+        """When work must have stopped; None until told to stop."""
+        return self.shared.stop.deadline
+
+    def stop_receiving(self, deadline: float) -> bool:
+        """Stop receiving, give back unstarted messages, let running handlers see ctx.draining.
+
+        True the first time (the moment is then `stopped_receiving_at`); later calls only move the deadline earlier.
+        """
+        self.shared.stop.set(deadline)
+        first = False
         with self.shared.counters.lock:  # see Consumer.receive_batch
             if not self.shared.stop_receiving.is_set():
                 self.shared.stop_receiving.set()
                 self.stopped_receiving_at = time.time()
+                first = True
         released = release_pending(self.shared)
         if released:
             log.info("drain: released %d unstarted message(s)", released)
-        return released
+        return first
 
     def abandon(self) -> int:
         """Deadline reached: release everything still held (checkpoints kept) so another VM takes it now."""
-        self.drain(time.time())
+        self.stop_receiving(time.time())
         self.abandoned = True
         released = release_all(self.shared)
         if released:

@@ -1,20 +1,28 @@
 """Typed settings: TOML file, then `SPOT_<SECTION>_<KEY>` environment overrides.
 
-Shared by the supervisor and the workers, so it lives on the worker side
-(the supervisor imports worker, never the reverse). Every key and its default
-is documented in config/default.toml; a test keeps the two in step.
+Two parts. The generic loader (`build_settings`: TOML, environment overrides,
+type coercion, one-line errors) serves both sides. The sections a worker reads
+(queue, workload, shutdown, telemetry) are defined here; the supervisor's own
+sections live in supervisor/config.py, whose `SupervisorSettings` extends
+`Settings`, so one file configures both and a forked worker gets its part as is.
+Every key and its default is documented in config/default.toml; a test keeps
+the two in step.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import difflib
+import math
 import os
 import sys
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,8 +32,10 @@ else:  # pragma: no cover
 ENV_PREFIX = "SPOT_"
 MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
-DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
-EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+# Sections only `spot-supervisor` reads (supervisor/config.py); `python -m worker` accepts them unread.
+SUPERVISOR_SECTIONS = ("scaling", "events", "startup", "cost")
 
 
 class ConfigError(Exception):
@@ -65,31 +75,6 @@ class WorkloadSettings:
 
 
 @dataclass(frozen=True)
-class ScalingSettings:
-    workers_per_core: float = 1.0
-    threads_per_core: int = 4
-    workers: int = 0
-    min_workers: int = 1
-    max_workers: int = 64
-    memory_per_worker_mb: int = 256
-    respawn_delay_max_s: float = 30.0
-    sku: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EventsSettings:
-    source: str = "azure"
-    endpoint: str = "http://169.254.169.254"
-    poll_interval_s: float = 1.0
-    request_timeout_s: float = 5.0
-    drain_on: tuple[str, ...] = DEFAULT_DRAIN_ON
-    safety_margin_s: float = 5.0
-    started_deadline_s: float = 5.0
-    ack: str = "sole"
-    vm_name: str = ""
-
-
-@dataclass(frozen=True)
 class ShutdownSettings:
     drain_timeout_s: float = 30.0
     kill_grace_s: float = 3.0
@@ -103,45 +88,71 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
-class StartupSettings:
-    wait_for_provisioning: bool = False
-    arm_endpoint: str = "https://management.azure.com"
-    provisioning_timeout_s: float = 900.0
-
-
-@dataclass(frozen=True)
 class Settings:
+    """What a worker process reads. `shutdown` is here because `python -m worker` drains on SIGTERM too."""
+
     queue: QueueSettings = field(default_factory=QueueSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
-    scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    events: EventsSettings = field(default_factory=EventsSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
-    startup: StartupSettings = field(default_factory=StartupSettings)
     source: str = "defaults"
 
 
-SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings) if f.name != "source"}
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def section_types(schema: type[Settings]) -> dict[str, type]:
+    """{section name: section dataclass} of a settings class (every field but `source`)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema) if f.name != "source"}
+
+
+SECTIONS = section_types(Settings)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
                   require_queue: bool = True) -> Settings:
-    """Read the TOML file (if any), apply environment overrides, validate.
+    """A worker's settings: the TOML file (if any), environment overrides, validated.
 
-    require_queue=False is for commands that never touch the queue (`plan`)."""
-    env = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_toml(Path(path))
-    for section in raw:
-        if section not in SECTIONS:
-            raise ConfigError(section, f"unknown section; allowed: {', '.join(SECTIONS)}")
-        if not isinstance(raw[section], dict):
-            raise ConfigError(section, "must be a table")
-    values = {name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in SECTIONS.items()}
-    settings = Settings(**values, source=str(path) if path else "defaults")
+    The file may hold the supervisor's sections too (one file configures both); they are not read here."""
+    settings = build_settings(Settings, path, environ, other_sections=SUPERVISOR_SECTIONS)
     validate(settings, require_queue)
     return settings
+
+
+def build_settings(schema: type[SettingsT], path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None,
+                   other_sections: Collection[str] = ()) -> SettingsT:
+    """The generic loader: read the TOML file, apply SPOT_<SECTION>_<KEY> variables, coerce types.
+
+    Unknown sections and keys are errors, except whole sections named in other_sections (read by
+    another program). Value checks beyond the type are the caller's (`validate`)."""
+    env = os.environ if environ is None else environ
+    sections = section_types(schema)
+    raw: dict[str, Any] = _read_toml(Path(path)) if path is not None else {}
+    for section in raw:
+        if section not in sections and section not in other_sections:
+            raise ConfigError(section, f"unknown section; allowed: {', '.join([*sections, *other_sections])}")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(section, "must be a table")
+    values = {name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in sections.items()}
+    return schema(**values, source=str(path) if path else "defaults")
+
+
+def unknown_env_variables(schema: type[Settings], environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per SPOT_<SECTION>_<KEY> variable whose section is known but whose key is not
+    (a typo such as SPOT_QUEUE_NAEM would otherwise be ignored without a word)."""
+    env = os.environ if environ is None else environ
+    known: dict[str, list[str]] = {}
+    for name, cls in section_types(schema).items():
+        known[f"{ENV_PREFIX}{name}_".upper()] = [f"{ENV_PREFIX}{name}_{f.name}".upper() for f in dataclasses.fields(cls)]
+    warnings = []
+    for variable in sorted(env):
+        for prefix, names in known.items():
+            if variable.startswith(prefix) and variable not in names:
+                close = difflib.get_close_matches(variable, names, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(names)}"
+                warnings.append(f"environment variable {variable} names no setting and is ignored{hint}")
+    return warnings
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -162,11 +173,11 @@ def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[
     for key, value in table.items():
         if key not in hints:
             raise ConfigError(f"{name}.{key}", f"unknown key; allowed: {', '.join(hints)}")
-        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+        kwargs[key] = coerce(f"{name}.{key}", hints[key], value)
     for key, hint in hints.items():
         env_name = f"{ENV_PREFIX}{name}_{key}".upper()
         if env_name in env:
-            kwargs[key] = _coerce(f"{name}.{key} (from {env_name})", hint, _parse_env(hint, env[env_name]))
+            kwargs[key] = coerce(f"{name}.{key} (from {env_name})", hint, _parse_env(hint, env[env_name]))
     if name == "telemetry" and not kwargs.get("connection_string"):
         kwargs["connection_string"] = env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", "")
     return cls(**kwargs)
@@ -191,7 +202,8 @@ def _parse_env(hint: Any, text: str) -> Any:
     return text
 
 
-def _coerce(key: str, hint: Any, value: Any) -> Any:
+def coerce(key: str, hint: Any, value: Any) -> Any:
+    """`value` as the type `hint` names, or ConfigError naming `key`."""
     origin = typing.get_origin(hint)
     if hint is bool:
         if not isinstance(value, bool):
@@ -204,6 +216,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # inf would overflow every sleep and timeout it reaches
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -220,77 +234,85 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     raise AssertionError(f"unhandled settings type {hint!r} for {key}")
 
 
-def _require(condition: bool, key: str, problem: str) -> None:
+def require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(key, problem)
 
 
+def require_between(value: float, key: str, low: float, high: float, *, low_inclusive: bool = True, note: str = "") -> None:
+    """low <= value <= high (low < value without low_inclusive). Every number has an upper bound,
+    so that a huge value cannot overflow a sleep or a timeout later."""
+    if (value >= low if low_inclusive else value > low) and value <= high:
+        return
+    allowed = f"between {low:g} and {high:g}" if low_inclusive else f"greater than {low:g} and at most {high:g}"
+    raise ConfigError(key, f"must be {allowed}{note}, got {value:g}")
+
+
 def validate(s: Settings, require_queue: bool = True) -> None:
+    """The worker's sections. require_queue=False is for commands that never touch the queue (`plan`)."""
     q = s.queue
-    _require(bool(q.connection_string or q.account_url) or not require_queue, "queue.connection_string",
-             "required: set queue.connection_string (keys, Azurite) or queue.account_url (managed identity)")
-    _require(not (q.connection_string and q.account_url), "queue.account_url",
-             "set either queue.connection_string or queue.account_url, not both")
-    _require(not q.account_url or q.account_url.startswith(("https://", "http://")), "queue.account_url",
-             f"must be an http(s) URL such as https://<account>.queue.core.windows.net, got {q.account_url!r}")
-    _require(_valid_queue_name(q.name), "queue.name",
-             f"must be 3-57 characters of lower-case letters, digits and single hyphens (the -poison suffix must fit 63), got {q.name!r}")
-    _require(1 <= q.visibility_timeout_s <= MAX_VISIBILITY_TIMEOUT_S, "queue.visibility_timeout_s",
-             f"must be between 1 and {MAX_VISIBILITY_TIMEOUT_S}, got {q.visibility_timeout_s}")
-    _require(1 <= q.batch_size <= MAX_BATCH_SIZE, "queue.batch_size",
-             f"must be between 1 and {MAX_BATCH_SIZE}, got {q.batch_size}")
-    _require(q.max_dequeue_count >= 1, "queue.max_dequeue_count", f"must be at least 1, got {q.max_dequeue_count}")
-    _require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
-             f"must be one of: none, base64; got {q.message_encoding!r}")
-    _require(q.prefetch_s >= 0, "queue.prefetch_s", f"must be 0 (always batch_size) or more, got {q.prefetch_s}")
-    for key in ("retry_delay_s", "retry_delay_max_s", "idle_poll_max_s", "request_timeout_s"):
-        _require(getattr(q, key) > 0, f"queue.{key}", f"must be greater than 0, got {getattr(q, key)}")
+    require(bool(q.connection_string or q.account_url) or not require_queue, "queue.connection_string",
+            "required: set queue.connection_string (keys, Azurite) or queue.account_url (managed identity)")
+    require(not (q.connection_string and q.account_url), "queue.account_url",
+            "set either queue.connection_string or queue.account_url, not both")
+    require(not q.account_url or q.account_url.startswith(("https://", "http://")), "queue.account_url",
+            f"must be an http(s) URL such as https://<account>.queue.core.windows.net, got {q.account_url!r}")
+    require(_valid_queue_name(q.name), "queue.name",
+            f"must be 3-57 characters of lower-case letters, digits and single hyphens (the -poison suffix must fit 63), got {q.name!r}")
+    require(1 <= q.visibility_timeout_s <= MAX_VISIBILITY_TIMEOUT_S, "queue.visibility_timeout_s",
+            f"must be between 1 and {MAX_VISIBILITY_TIMEOUT_S}, got {q.visibility_timeout_s}")
+    require(1 <= q.batch_size <= MAX_BATCH_SIZE, "queue.batch_size",
+            f"must be between 1 and {MAX_BATCH_SIZE}, got {q.batch_size}")
+    require(q.max_dequeue_count >= 1, "queue.max_dequeue_count", f"must be at least 1, got {q.max_dequeue_count}")
+    require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
+            f"must be one of: none, base64; got {q.message_encoding!r}")
+    require_between(q.prefetch_s, "queue.prefetch_s", 0, HOUR_S, note=" (0 = always batch_size)")
+    require_between(q.retry_delay_s, "queue.retry_delay_s", 0, MAX_VISIBILITY_TIMEOUT_S, low_inclusive=False)
+    require_between(q.retry_delay_max_s, "queue.retry_delay_max_s", 0, MAX_VISIBILITY_TIMEOUT_S, low_inclusive=False)
+    require_between(q.idle_poll_max_s, "queue.idle_poll_max_s", 0, HOUR_S, low_inclusive=False)
+    require_between(q.request_timeout_s, "queue.request_timeout_s", 0, HOUR_S, low_inclusive=False)
+    problem = connection_string_problem(q.connection_string) if q.connection_string else None
+    require(problem is None, "queue.connection_string", f"{problem} (the secret itself is not shown)")
 
     w = s.workload
-    _require(_valid_handler_ref(w.handler), "workload.handler",
-             f"must look like 'package.module:function', got {w.handler!r}")
-    _require(w.mode in ("scale-out", "scale-up"), "workload.mode", f"must be one of: scale-out, scale-up; got {w.mode!r}")
+    require(_valid_handler_ref(w.handler), "workload.handler",
+            f"must look like 'package.module:function', got {w.handler!r}")
+    require(w.mode in ("scale-out", "scale-up"), "workload.mode", f"must be one of: scale-out, scale-up; got {w.mode!r}")
 
-    _validate_scaling("scaling", dataclasses.asdict(s.scaling))
-    for vm_size, overrides in s.scaling.sku.items():
-        _require(isinstance(overrides, dict), f"scaling.sku.{vm_size}", "must be a table of scaling keys")
-        allowed = {f.name for f in dataclasses.fields(ScalingSettings)} - {"sku"}
-        for key, value in overrides.items():
-            _require(key in allowed, f"scaling.sku.{vm_size}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
-            hint = typing.get_type_hints(ScalingSettings)[key]
-            _coerce(f"scaling.sku.{vm_size}.{key}", hint, value)
-        _validate_scaling(f"scaling.sku.{vm_size}", {**dataclasses.asdict(s.scaling), **overrides})
-
-    e = s.events
-    _require(e.source in ("azure", "none"), "events.source", f"must be one of: azure, none; got {e.source!r}")
-    _require(e.endpoint.startswith(("http://", "https://")), "events.endpoint", f"must be an http URL, got {e.endpoint!r}")
-    _require(e.poll_interval_s > 0, "events.poll_interval_s", f"must be greater than 0, got {e.poll_interval_s}")
-    _require(e.request_timeout_s > 0, "events.request_timeout_s", f"must be greater than 0, got {e.request_timeout_s}")
-    for event_type in e.drain_on:
-        _require(event_type in EVENT_TYPES, "events.drain_on", f"unknown event type {event_type!r}; allowed: {', '.join(EVENT_TYPES)}")
-    _require(e.safety_margin_s >= 0, "events.safety_margin_s", f"must be 0 or more, got {e.safety_margin_s}")
-    _require(e.started_deadline_s > 0, "events.started_deadline_s", f"must be greater than 0, got {e.started_deadline_s}")
-    _require(e.ack in ("sole", "always", "never"), "events.ack", f"must be one of: sole, always, never; got {e.ack!r}")
-
-    _require(s.shutdown.drain_timeout_s > 0, "shutdown.drain_timeout_s", f"must be greater than 0, got {s.shutdown.drain_timeout_s}")
-    _require(s.shutdown.kill_grace_s >= 0, "shutdown.kill_grace_s", f"must be 0 or more, got {s.shutdown.kill_grace_s}")
-    _require(s.telemetry.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "telemetry.log_level",
-             f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
-    _require(s.startup.arm_endpoint.startswith(("https://", "http://")), "startup.arm_endpoint",
-             f"must be an http(s) URL, got {s.startup.arm_endpoint!r}")
-    _require(s.startup.provisioning_timeout_s > 0, "startup.provisioning_timeout_s",
-             f"must be greater than 0, got {s.startup.provisioning_timeout_s}")
+    require_between(s.shutdown.drain_timeout_s, "shutdown.drain_timeout_s", 0, DAY_S, low_inclusive=False)
+    require_between(s.shutdown.kill_grace_s, "shutdown.kill_grace_s", 0, HOUR_S)
+    require(s.telemetry.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "telemetry.log_level",
+            f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
 
 
-def _validate_scaling(prefix: str, sc: Mapping[str, Any]) -> None:
-    _require(sc["workers_per_core"] > 0, f"{prefix}.workers_per_core", f"must be greater than 0, got {sc['workers_per_core']}")
-    _require(sc["threads_per_core"] >= 1, f"{prefix}.threads_per_core", f"must be at least 1, got {sc['threads_per_core']}")
-    _require(sc["workers"] >= 0, f"{prefix}.workers", f"must be 0 (size to the VM) or more, got {sc['workers']}")
-    _require(sc["min_workers"] >= 1, f"{prefix}.min_workers", f"must be at least 1, got {sc['min_workers']}")
-    _require(sc["max_workers"] >= sc["min_workers"], f"{prefix}.max_workers",
-             f"must be at least min_workers ({sc['min_workers']}), got {sc['max_workers']}")
-    _require(sc["memory_per_worker_mb"] >= 0, f"{prefix}.memory_per_worker_mb",
-             f"must be 0 (no memory limit) or more, got {sc['memory_per_worker_mb']}")
+def connection_string_problem(text: str) -> str | None:
+    """Why the Storage SDK would reject this connection string (in every worker, at every start), or None.
+
+    The SDK's own rules: `Key=Value` pairs separated by ";"; UseDevelopmentStorage=true alone suffices;
+    otherwise an account name or a QueueEndpoint, and an AccountKey (base64) or a SharedAccessSignature."""
+    pairs = [part.split("=", 1) for part in text.strip().rstrip(";").split(";")]
+    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        return "is not a list of Key=Value pairs separated by ';'"
+    values = {key.strip().upper(): value.strip() for key, value in pairs}
+    if values.get("USEDEVELOPMENTSTORAGE") == "true":
+        return None
+    endpoint = values.get("QUEUEENDPOINT", "")
+    if endpoint and not (endpoint.startswith(("https://", "http://")) and endpoint.split("://", 1)[1].strip("/")):
+        return "QueueEndpoint must be an http(s) URL"
+    if values.get("DEFAULTENDPOINTSPROTOCOL", "https") not in ("http", "https"):
+        return "DefaultEndpointsProtocol must be http or https"
+    if not (values.get("ACCOUNTNAME") or endpoint):
+        return "has neither AccountName nor QueueEndpoint"
+    if "ACCOUNTKEY" in values:
+        if not values.get("ACCOUNTNAME"):
+            return "has an AccountKey but no AccountName"
+        try:
+            base64.b64decode(values["ACCOUNTKEY"], validate=True)
+        except (binascii.Error, ValueError):
+            return "AccountKey is not base64"
+    elif not values.get("SHAREDACCESSSIGNATURE"):
+        return "has neither AccountKey nor SharedAccessSignature"
+    return None
 
 
 _QUEUE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")  # ASCII only: str.islower() accepts "ö"

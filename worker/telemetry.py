@@ -80,10 +80,16 @@ _EXPORT_THREADS = ("OtelBatch", "OtelPeriodicExportingMetricReader", "spot-telem
 
 
 class Telemetry:
-    """Providers, instruments and hot-path helpers of one process. Build it with `setup_telemetry`."""
+    """Providers, the worker's instruments and hot-path helpers of one process. Build it with `setup_telemetry`.
 
-    def __init__(self, settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> None:
+    `meter` is there for the supervisor's own instruments (supervisor/metrics.py)."""
+
+    def __init__(self, settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None,
+                 point_attributes: Mapping[str, str] | None = None) -> None:
         self.role = role
+        # On every span and metric point too, not only on the resource (e.g. the GPU a worker is bound to),
+        # so they are customDimensions of each request and metric in Application Insights.
+        self.point_attributes = dict(point_attributes or {})
         self.pid = os.getpid()
         self.exporting = bool(settings.connection_string)
         self.resource = Resource.create({
@@ -128,13 +134,7 @@ class Telemetry:
                                                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
         self._inflight = m.create_up_down_counter("spot.messages.inflight", unit="{message}",
                                                   description="Messages received and not yet settled")
-        self._drain_duration = m.create_histogram("spot.drain.duration", unit="s", description="Drain start to idle",
-                                                  explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
-        self._eviction_notices = m.create_counter("spot.eviction.notices", unit="{event}",
-                                                  description="Scheduled Events for this VM that start a drain")
-        self._respawns = m.create_counter("spot.worker.respawns", unit="{process}",
-                                          description="Worker processes started again after they exited")
-        self._outcome_attrs = {o: {"outcome": o} for o in MESSAGE_OUTCOMES}
+        self._outcome_attrs = {o: {**self.point_attributes, "outcome": o} for o in MESSAGE_OUTCOMES}
 
     # -- hot path ---------------------------------------------------------------------------------
 
@@ -144,6 +144,7 @@ class Telemetry:
         as failed.
         """
         return _MessageSpan(self, {
+            **self.point_attributes,
             "messaging.system": MESSAGING_SYSTEM,
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
@@ -157,23 +158,12 @@ class Telemetry:
 
     def record_message(self, outcome: str, duration_s: float) -> None:
         """One message settled: counter spot.messages.processed and histogram spot.handler.duration."""
-        attrs = self._outcome_attrs.get(outcome) or {"outcome": outcome}
+        attrs = self._outcome_attrs.get(outcome) or {**self.point_attributes, "outcome": outcome}
         self._processed.add(1, attrs)
         self._handler_duration.record(duration_s, attrs)
 
     def inflight(self, delta: int) -> None:
-        self._inflight.add(delta)
-
-    # -- supervisor -------------------------------------------------------------------------------
-
-    def record_drain(self, duration_s: float, reason: str) -> None:
-        self._drain_duration.record(duration_s, {"reason": reason})
-
-    def record_eviction_notice(self, event_type: str) -> None:
-        self._eviction_notices.add(1, {"event_type": event_type})
-
-    def record_worker_respawn(self, reason: str = "exited") -> None:
-        self._respawns.add(1, {"reason": reason})
+        self._inflight.add(delta, self.point_attributes)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -256,14 +246,16 @@ def mark_failed(span: Span, exc: BaseException) -> None:
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
-def setup_telemetry(settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None) -> Telemetry:
+def setup_telemetry(settings: TelemetrySettings, role: str, attributes: Mapping[str, str] | None = None,
+                    point_attributes: Mapping[str, str] | None = None) -> Telemetry:
     """Telemetry for this process (call after fork). role: "supervisor" or "worker".
 
-    attributes go on the resource (e.g. {"host.name": vm_name, "spot.vm.size": size, "spot.worker.index": "3"}).
+    attributes go on the resource (e.g. {"host.name": vm_name, "spot.vm.size": size, "spot.worker.index": "3"});
+    point_attributes also on every message span and every point of the message metrics.
     Raises ConfigError for a connection string the exporter rejects.
     """
     _drop_inherited_handlers()
-    return Telemetry(settings, role, attributes)
+    return Telemetry(settings, role, attributes, point_attributes)
 
 
 # -- exporters ------------------------------------------------------------------------------------
