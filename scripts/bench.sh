@@ -12,9 +12,9 @@ mkdir -p results
 
 if [ "${1:-}" = "--quick" ]; then
   throughput=(--scale 0.3 --repeat 1); scaling=(--messages 200 --repeat 1)
-  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10)
+  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10); program=(--repeat 1)
 else
-  throughput=(); scaling=(); eviction=(); chaos=()
+  throughput=(); scaling=(); eviction=(); chaos=(); program=()
 fi
 
 run() {  # run <name> <script> [args...]: print and keep the output; a failing benchmark fails the whole run
@@ -29,4 +29,5 @@ run scaling scaling.py "${scaling[@]}"
 run eviction_timing eviction_timing.py "${eviction[@]}"
 run chaos chaos.py "${chaos[@]}"
 run chaos_celery chaos.py --tool celery --mode kill --json results/chaos_celery.json "${chaos[@]}"
+run program_overhead program_overhead.py "${program[@]}"
 "$py" plots.py

@@ -5,6 +5,10 @@ with several workers; 100 sample messages; an eviction notice arrives mid-run;
 the supervisor drains, acknowledges and exits; a replacement "VM" (a second
 supervisor) finishes the rest, resuming interrupted messages from their
 checkpoints. No cloud account needed.
+
+`demo.sh --program` runs the same story with a program as the handler
+(examples/render_frames.sh: 10 frames of 40 ms per message, a checkpoint after
+each, SIGTERM honoured) instead of the sample Python handler.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ MESSAGES = 100
 QUEUE = "demo-work"
 VM_NAME = "vm-spot-07"
 BIN = Path(sys.executable).parent / "spot-supervisor"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "render_frames.sh"
+FRAMES = 10
 
 
 def banner(text: str) -> None:
@@ -58,16 +64,28 @@ def supervisor(config: Path, env: dict[str, str], prefix: str) -> tuple[subproce
 
 
 def completed(results: Path) -> list[dict[str, object]]:
+    """One record per finished message: {"id", "resumed_from"}; from the sample handler's JSON lines,
+    or from the example program's frame log ("<id> <frame> <pid>" per frame)."""
     if not results.exists():
         return []
-    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = [line for line in results.read_text().splitlines() if line.strip()]
+    if not lines or lines[0].startswith("{"):
+        return [json.loads(line) for line in lines]
+    first_frame: dict[tuple[str, str], int] = {}  # (message id, program pid) -> the frame that run began with
+    records: list[dict[str, object]] = []
+    for line in lines:
+        message_id, frame, pid = line.split()
+        first_frame.setdefault((message_id, pid), int(frame))
+        if int(frame) == FRAMES - 1:
+            records.append({"id": message_id, "resumed_from": first_frame[(message_id, pid)]})
+    return records
 
 
 def queued(client: QueueClient) -> int:
     return int(client.get_queue_properties().approximate_message_count or 0)
 
 
-def write_config(path: Path, azurite_port: int, imds_url: str, source: str, workers: int) -> None:
+def write_config(path: Path, azurite_port: int, imds_url: str, source: str, workers: int, workload: str) -> None:
     path.write_text(f"""
 [queue]
 connection_string = "{connection_string(azurite_port)}"
@@ -76,7 +94,7 @@ visibility_timeout_s = 30
 batch_size = 8
 
 [workload]
-handler = "worker.sample:handle"
+{workload}
 
 [scaling]
 workers = {workers}
@@ -92,10 +110,13 @@ drain_timeout_s = 20
 
 
 def main() -> int:
+    program = "--program" in sys.argv[1:]
     work = Path(tempfile.mkdtemp(prefix="spot-demo-"))
-    results = work / "results.jsonl"
+    results = work / ("frames.txt" if program else "results.jsonl")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
     env["SPOT_SAMPLE_RESULTS"] = str(results)
+    env.update(RENDER_LOG=str(results), RENDER_FRAME_S="0.04")  # read by the example program only
+    workload = f'command = "{EXAMPLE}"' if program else 'handler = "worker.sample:handle"'
     env["PYTHONUNBUFFERED"] = "1"
 
     banner("starting Azurite (queue emulator) and the IMDS simulator")
@@ -110,13 +131,18 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         spot_config, replacement_config = work / "spot-vm.toml", work / "replacement-vm.toml"
-        write_config(spot_config, azurite_port, imds_url, "azure", workers=4)
-        write_config(replacement_config, azurite_port, imds_url, "none", workers=2)
+        write_config(spot_config, azurite_port, imds_url, "azure", workers=4, workload=workload)
+        write_config(replacement_config, azurite_port, imds_url, "none", workers=2, workload=workload)
         client = QueueClient.from_connection_string(connection_string(azurite_port), QUEUE)
 
-        banner(f"enqueue {MESSAGES} messages (sample handler: 10 chunks of 40 ms CPU, checkpoint after each)")
-        subprocess.run([str(BIN), "enqueue", "--config", str(spot_config), "--count", str(MESSAGES),
-                        "--chunks", "10", "--chunk-ms", "40"], env=env, check=True)
+        if program:
+            banner(f"enqueue {MESSAGES} messages (program {EXAMPLE.name}: {FRAMES} frames of 40 ms, checkpoint after each)")
+            subprocess.run([str(BIN), "enqueue", "--config", str(spot_config), "--file", "-"], env=env, check=True,
+                           input=f"{FRAMES}\n".encode() * MESSAGES)
+        else:
+            banner(f"enqueue {MESSAGES} messages (sample handler: 10 chunks of 40 ms CPU, checkpoint after each)")
+            subprocess.run([str(BIN), "enqueue", "--config", str(spot_config), "--count", str(MESSAGES),
+                            "--chunks", "10", "--chunk-ms", "40"], env=env, check=True)
 
         banner(f"Spot VM {VM_NAME}: spot-supervisor run with 4 workers")
         proc, lines, reader = supervisor(spot_config, env, "  [spot-vm] ")

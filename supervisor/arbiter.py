@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from supervisor import sdnotify
+from supervisor import sdnotify, strays
 from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress, DrainPhase, Outcome, why_not_acknowledged
 from supervisor.event_watcher import EventWatcher
@@ -76,6 +76,7 @@ class Arbiter(WorkerPool):
 
     def run(self) -> int:
         self.install_signals()
+        strays.become_subreaper()
         if self.events is not None:
             self.events.watch(self.submit)
         log.info("supervisor %d starting %d %s worker(s) x %d thread(s) for queue %s",
@@ -87,6 +88,7 @@ class Arbiter(WorkerPool):
             self.handle_decisions()
             self.read_channels()
             self.reap_workers()
+            strays.sweep(self.workers)
             if self.exit_code is not None:
                 break
             self.check_watcher()
@@ -321,6 +323,11 @@ class Arbiter(WorkerPool):
     def finish(self) -> None:
         for pid in list(self.workers):
             self.kill_worker(pid, signal.SIGKILL)
+        deadline = time.time() + 1.0
+        while self.workers and time.time() < deadline:  # their strays reach us only once they are gone
+            time.sleep(0.02)
+            self.reap_workers()
+        strays.sweep(self.workers)
         extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
         log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
 

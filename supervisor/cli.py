@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from supervisor import imds_simulator, poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
-from worker.handler import HandlerImportError
+from worker.handler import HandlerImportError, describe_workload
 from worker.logs import is_journal_stream, setup_logging
 from worker.settings import ConfigError
 
@@ -154,9 +154,12 @@ def print_plan(settings: SupervisorSettings, as_json: bool) -> int:
 
     facts = read_vm_facts(settings)
     plan = make_plan(settings, facts)
-    if as_json:
-        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None}))
+    workload = settings.workload
+    if as_json:  # exactly one of handler and command is set: the one that runs
+        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None,
+                          "handler": None if workload.command else workload.handler, "command": workload.command or None}))
     else:
+        print(f"runs:     {describe_workload(workload)}")
         print(format_plan(plan))
     return 0
 

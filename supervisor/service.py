@@ -12,12 +12,16 @@ from supervisor.event_watcher import EventWatcher
 from supervisor.planning import VmFacts, make_plan, read_vm_facts
 from supervisor.scheduled_events import AzureScheduledEvents
 from supervisor.sizing import Plan
+from worker.handler import describe_workload
+from worker.program import resolve_command
 from worker.telemetry import setup_telemetry
 
 log = logging.getLogger(__name__)
 
 def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     """The service, with the settings `main` loaded (config_path is read again on SIGHUP)."""
+    if settings.workload.command:
+        resolve_command(settings.workload.command)  # a missing program: exit 78 now, not a retry storm per message
     facts = read_vm_facts(settings)
     if facts.instance is not None:
         i = facts.instance
@@ -26,6 +30,7 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     plan = make_plan(settings, facts)
     for reason in plan.reasons:
         log.info("plan: %s", reason)
+    log.info("workload: %s", describe_workload(settings.workload))
     if settings.startup.wait_for_provisioning:
         from supervisor.provisioning import ProvisioningTimeout
 

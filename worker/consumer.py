@@ -23,6 +23,7 @@ from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.poisoned import poisoned_text
+from worker.program import ProgramFailed
 from worker.queue_client import describe, ensure_queue, is_auth_error, make_queue_client
 from worker.settings import QueueSettings
 from worker.telemetry import MESSAGE_OUTCOMES, Telemetry, mark_failed
@@ -219,8 +220,8 @@ class Consumer:
             return "interrupted"
         except BaseException as exc:  # SystemExit from a handler is a failed message, not a dead consumer
             mark_failed(span, exc)
-            handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id,
-                                message.dequeue_count, type(exc).__name__, exc, exc_info=True)
+            handler_log.warning("handler failed on message %s (attempt %d): %s: %s", message.id, message.dequeue_count,
+                                type(exc).__name__, exc, exc_info=not isinstance(exc, ProgramFailed))  # no traceback: ours
             self.last_error = " ".join(f"{type(exc).__name__}: {exc}".split())  # for the poison note, one line
             return "failed"
         return "succeeded"

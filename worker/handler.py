@@ -1,4 +1,4 @@
-"""Resolving `package.module:function` to the user's handler."""
+"""Resolving the workload to a handler: `package.module:function`, or `[workload] command`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from worker.settings import WorkloadSettings
 from worker.text import one_line
 
 Handler = Callable[..., Any]
@@ -32,3 +33,18 @@ def load_handler(ref: str) -> Handler:
     if not callable(target):
         raise HandlerImportError(f"workload.handler: {ref!r} is not callable")
     return target
+
+
+def load_workload(workload: WorkloadSettings) -> Handler:
+    """The handler to call per message: a program when workload.command is set (workload.handler is then
+    ignored), else the Python callable. Raises HandlerImportError when it cannot run."""
+    if workload.command:
+        from worker.program import ProgramHandler
+
+        return ProgramHandler.from_settings(workload)
+    return load_handler(workload.handler)
+
+
+def describe_workload(workload: WorkloadSettings) -> str:
+    """What runs per message, for `plan` and the start-up log."""
+    return f"program {workload.command}" if workload.command else f"handler {workload.handler}"

@@ -47,7 +47,8 @@ class WorkerProcess:
             signal.signal(sig, self._record_signal)
         if self.channel is not None:
             # Ctrl-C reaches the whole process group: the supervisor coordinates, workers wait for its word.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # A no-op handler rather than SIG_IGN, which programs run as handlers would inherit.
+            signal.signal(signal.SIGINT, _ignore_signal)
 
     def run(self) -> int:
         self.install_signals()
@@ -138,6 +139,10 @@ class WorkerProcess:
     def _send(self, kind: str, **fields: Any) -> None:
         if self.channel is not None:
             self.channel.send(kind, pid=os.getpid(), **fields)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    pass
 
 
 def _format_counts(stats: dict[str, int]) -> str:

@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 from worker.consumer import Consumer, Shared, release_all, release_pending
-from worker.handler import load_handler
+from worker.handler import load_workload
 from worker.lease import LeaseKeeper
 from worker.message import Codec
+from worker.program import ProgramHandler
 from worker.settings import Settings
 from worker.telemetry import Telemetry
 
@@ -22,7 +23,7 @@ RECEIVE_GRACE_S = 2.0
 class WorkerRuntime:
     def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1) -> None:
         """Raises HandlerImportError when the handler cannot be imported."""
-        handler = load_handler(settings.workload.handler)
+        handler = load_workload(settings.workload)
         self.settings = settings
         self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding))
         self.threads_wanted = threads
@@ -73,6 +74,8 @@ class WorkerRuntime:
         """Deadline reached: release everything still held (checkpoints kept) so another VM takes it now."""
         self.stop_receiving(time.time())
         self.abandoned = True
+        if isinstance(self.shared.handler, ProgramHandler):
+            self.shared.handler.stop_all()  # killed, last checkpoints stored: then released below
         released = release_all(self.shared)
         if released:
             log.warning("deadline: released %d message(s) whose handlers were still running", released)
@@ -102,6 +105,8 @@ class WorkerRuntime:
 
     def close(self) -> None:
         self._keeper_stop.set()
+        if isinstance(self.shared.handler, ProgramHandler):
+            self.shared.handler.close()
 
     def stats(self) -> dict[str, Any]:
         counts = self.shared.counters.snapshot()

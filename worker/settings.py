@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import math
 import os
+import shlex
+import signal
 import sys
 import typing
 from collections.abc import Collection, Mapping
@@ -72,6 +74,9 @@ class QueueSettings:
 class WorkloadSettings:
     handler: str = "worker.sample:handle"
     mode: str = "scale-out"
+    command: str = ""
+    stop_signal: str = "SIGTERM"
+    timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -278,11 +283,30 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     require(_valid_handler_ref(w.handler), "workload.handler",
             f"must look like 'package.module:function', got {w.handler!r}")
     require(w.mode in ("scale-out", "scale-up"), "workload.mode", f"must be one of: scale-out, scale-up; got {w.mode!r}")
+    _validate_command(w.command)
+    require(w.stop_signal in _STOP_SIGNALS, "workload.stop_signal",
+            f"must be a signal name such as SIGTERM, SIGINT, SIGUSR1; got {w.stop_signal!r}")
+    require_between(w.timeout_s, "workload.timeout_s", 0, 7 * DAY_S, note=" (0 = no limit)")
 
     require_between(s.shutdown.drain_timeout_s, "shutdown.drain_timeout_s", 0, DAY_S, low_inclusive=False)
     require_between(s.shutdown.kill_grace_s, "shutdown.kill_grace_s", 0, HOUR_S)
     require(s.telemetry.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "telemetry.log_level",
             f"must be one of: DEBUG, INFO, WARNING, ERROR; got {s.telemetry.log_level!r}")
+
+
+_STOP_SIGNALS = frozenset(s.name for s in signal.Signals if s.name.startswith("SIG") and not s.name.startswith("SIG_")
+                          and s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def _validate_command(command: str) -> None:
+    """Syntax only; whether the program exists is checked when the service starts (worker.program)."""
+    if not command:
+        return
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError("workload.command", f"cannot be split with shell rules ({exc}): {command!r}") from None
+    require(bool(argv), "workload.command", "is blank: leave it empty (\"\") to use workload.handler")
 
 
 def connection_string_problem(text: str) -> str | None:
