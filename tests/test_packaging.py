@@ -294,7 +294,8 @@ def test_orchestrate_refuses_bad_usage_and_a_package_for_another_python(package_
     assert not (tmp_path / "r2" / "opt").exists()
 
 
-@pytest.mark.parametrize("script", [ORCHESTRATE, BUILD, REPO / "scripts" / "ci-deps.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [ORCHESTRATE, BUILD, REPO / "scripts" / "ci-deps.sh", REPO / "scripts" / "systemd-e2e.sh"],
+                         ids=lambda p: p.name)
 def test_scripts_are_shellcheck_clean(script: Path) -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (scripts/ci-deps.sh installs it)")
