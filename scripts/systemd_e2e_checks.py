@@ -380,7 +380,8 @@ def poweroff_drains_and_boot_starts_it(s: Service) -> list[str]:
     last = before[stopping:]  # the poweroff's stop: the end of the previous boot
     expect(any(f"[{pid}]" in line and "drain (SIGTERM)" in line for line in last), f"no drain before the poweroff: {last}")
     expect(any(f"[{pid}]" in line and "supervisor exiting (0)" in line for line in last), f"no clean exit before the poweroff: {last}")
-    now = version_line(s, s.v1)
+    s.wait("the start-up line of this boot", lambda: any(f"spot-supervisor {s.v1} (" in line for line in s.journal(boot="0")))
+    now = [line for line in s.journal(boot="0") if f"spot-supervisor {s.v1} (" in line or "Started spot" in line]
     return [f"poweroff took {seconds:.1f}s; the end of the previous boot:", *last, "this boot:", *now]
 
 
