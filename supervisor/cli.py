@@ -84,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             for warning in unknown_env_variables(SupervisorSettings):
                 log.warning("%s", warning)
         if args.command == "run":
-            from supervisor.build_info import describe_build
             from supervisor.service import run_service
 
-            log.info("%s starting (python %s, config %s)", describe_build(), sys.version.split()[0], args.config or "defaults")
             return run_service(settings, args.config)
         if args.command == "plan":
             return print_plan(settings, args.json)
