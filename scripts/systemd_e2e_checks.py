@@ -376,8 +376,10 @@ def poweroff_drains_and_boot_starts_it(s: Service) -> list[str]:
     s.wait_active()
     expect(s.sh(f"systemctl is-enabled {UNIT}").strip() == "enabled", "not enabled")
     before = s.journal(boot="-1")
-    stopping = max((i for i, line in enumerate(before) if "Stopping spot-supervisor" in line), default=len(before))
-    last = before[stopping:]  # the poweroff's stop: the end of the previous boot
+    # That supervisor's only stop was the poweroff's. (Its lines and systemd's come by different
+    # channels, so journal order between them is not the order of events: no slicing at "Stopping".)
+    last = [line for line in before if f"[{pid}]" in line and ("drain" in line or "exiting" in line)]
+    last += [line for line in before[-3:] if "Deactivated" in line or "Stopped" in line]
     expect(any(f"[{pid}]" in line and "drain (SIGTERM)" in line for line in last), f"no drain before the poweroff: {last}")
     expect(any(f"[{pid}]" in line and "supervisor exiting (0)" in line for line in last), f"no clean exit before the poweroff: {last}")
     s.wait("the start-up line of this boot", lambda: any(f"spot-supervisor {s.v1} (" in line for line in s.journal(boot="0")))
