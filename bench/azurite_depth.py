@@ -1,6 +1,6 @@
 """How Azurite's request latency grows with queue depth (an emulator trait; Azure's does not).
 
-    .venv/bin/python bench/azurite_depth.py [--depths 10,200,600,1000,2000,4000]
+    .venv/bin/python -m bench.azurite_depth [--depths 10,200,600,1000,2000,4000]
 
 For each depth: a fresh queue with that many messages, then the mean time of
 Get Messages (1 and 32 at a time) and of Delete Message. Explains the queue
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import azurite, fill, new_queue, save
+from bench.common import azurite, fill, new_queue, save
 
 SAMPLES = 10
 

@@ -1,6 +1,6 @@
 """The floor: the plainest correct consumer one would write with the SDK alone.
 
-    python bench/bare_loop.py <workload> [--processes N] [--batch 32]   (BENCH_CONNECTION, BENCH_QUEUE, BENCH_DONE in the environment)
+    python -m bench.bare_loop <workload> [--processes N] [--batch 32]   (BENCH_CONNECTION, BENCH_QUEUE, BENCH_DONE in the environment)
 
 Each process: Get Messages (--batch at a time, 60 s visibility), run each, delete
 it; stop at the first empty page. No leases renewed, no retries, no drain: what
@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 from azure.storage.queue import QueueClient
-from workloads import run
+
+from bench.workloads import run
 
 
 def consume(workload: str, batch: int) -> None:
@@ -39,7 +40,8 @@ def main() -> int:
     if args.processes == 1:
         consume(args.workload, args.batch)
         return 0
-    children = [subprocess.Popen([sys.executable, __file__, args.workload, "--batch", str(args.batch)]) for _ in range(args.processes)]
+    argv = [sys.executable, "-m", "bench.bare_loop", args.workload, "--batch", str(args.batch)]
+    children = [subprocess.Popen(argv) for _ in range(args.processes)]
     return max(child.wait() for child in children)
 
 

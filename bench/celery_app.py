@@ -1,6 +1,6 @@
 """Celery 5 on kombu's Azure Storage Queues transport, as a user would set it up.
 
-    celery -A celery_app worker --pool prefork --concurrency N   (BENCH_BROKER, BENCH_QUEUE in the environment)
+    celery -A bench.celery_app worker --pool prefork --concurrency N   (BENCH_BROKER, BENCH_QUEUE in the environment)
 
 Settings: results ignored (no backend), and the broadcast features that would
 each poll queues of their own on this transport turned off (remote control,
@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
 from celery.signals import after_setup_logger
-from workloads import run
+
+from bench.workloads import run
 
 app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "memory://"))
 app.conf.update(

@@ -1,6 +1,6 @@
 """Chaos: no message lost when the whole process tree is SIGKILLed at random moments, or evicted.
 
-    .venv/bin/python bench/chaos.py [--mode kill|evict] [--messages 1000] [--cycles 12] [--workers 2]
+    .venv/bin/python -m bench.chaos [--mode kill|evict] [--messages 1000] [--cycles 12] [--workers 2]
                                     [--tool ours|celery] [--seed N] [--json PATH]
 
 Messages with unique ids ("m-00042") and a handler that records each completion.
@@ -19,7 +19,7 @@ queue, and lost (never completed and nowhere on a queue: must be 0).
 --tool celery runs the kill mode against Celery on kombu's Azure transport with the
 same harness (kombu deletes a message when it receives it, so Celery loses some).
 
-This file is also the handler module the workers import ("chaos:handle").
+This file is also the handler module the workers import ("bench.chaos:handle").
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import common
-from common import (
+from bench import common
+from bench.common import (
     DONE_ENV,
     CompletionLog,
     approximate_count,
@@ -49,7 +49,6 @@ from common import (
     spawn,
     stop_tree,
 )
-
 from worker import Context, Interrupted, Message
 from worker.sample import burn
 
@@ -157,7 +156,7 @@ def supervisor_target(mode: str, conn: str, workdir: Path, workers: int, sim_url
     done = CompletionLog(workdir / f"{name}-done.log")
     visibility = KILL_VISIBILITY_S if mode == "kill" else EVICT_VISIBILITY_S
     env = child_env(SPOT_QUEUE_CONNECTION_STRING=conn, SPOT_QUEUE_NAME=name, SPOT_SCALING_WORKERS=str(workers),
-                    SPOT_WORKLOAD_HANDLER="chaos:handle", SPOT_QUEUE_VISIBILITY_TIMEOUT_S=str(visibility),
+                    SPOT_WORKLOAD_HANDLER="bench.chaos:handle", SPOT_QUEUE_VISIBILITY_TIMEOUT_S=str(visibility),
                     SPOT_QUEUE_IDLE_POLL_MAX_S="1", **{DONE_ENV: str(done.path)})
     if sim_url is None:
         env["SPOT_EVENTS_SOURCE"] = "none"
@@ -167,13 +166,13 @@ def supervisor_target(mode: str, conn: str, workdir: Path, workers: int, sim_url
 
 
 def celery_target(conn: str, workdir: Path, workers: int) -> Target:
-    from celery_app import broker_url
+    from bench.celery_app import broker_url
 
     name = "chaos-celery"
     queue = common.new_queue(conn, name)
     done = CompletionLog(workdir / f"{name}-done.log")
     env = child_env(BENCH_BROKER=broker_url(conn), BENCH_QUEUE=name, **{DONE_ENV: str(done.path)})
-    argv = [str(Path(sys.executable).with_name("celery")), "-A", "celery_app", "worker", "--pool", "prefork",
+    argv = [str(Path(sys.executable).with_name("celery")), "-A", "bench.celery_app", "worker", "--pool", "prefork",
             "--concurrency", str(workers), "--without-mingle", "--without-gossip", "--without-heartbeat", "-l", "warning"]
     # 30 s: the service's default visibility timeout, which kombu's receive uses (between its receive and its delete)
     return Target("kill", "celery", argv, env, queue, None, done, workdir, 30, workers)
@@ -186,7 +185,7 @@ def enqueue(target: Target, ids: list[str], conn: str) -> float:
 
 
 def enqueue_celery(ids: list[str], conn: str, queue_name: str) -> float:
-    from celery_app import send_tasks
+    from bench.celery_app import send_tasks
 
     started = time.perf_counter()
     send_tasks(conn, queue_name, "cpu20", ids)
@@ -320,7 +319,7 @@ def bodies(client: Any | None) -> list[str]:
             page = list(client.receive_messages(messages_per_page=32, max_messages=32, visibility_timeout=600))
             if not page:
                 return out
-            out.extend(codec.open(m.content or "")[1] for m in page)  # checkpointed ones are envelopes
+            out.extend(codec.open(m.content or "", m.id)[1] for m in page)  # checkpointed ones are envelopes
     except ResourceNotFoundError:
         return out
 
@@ -434,7 +433,7 @@ def run_one(mode: str, args: argparse.Namespace, conn: str, workdir: Path, ids: 
         return run_mode(celery_target(conn, workdir, args.workers), ids, args.cycles, conn, rng, None)
     if mode == "kill":
         return run_mode(supervisor_target(mode, conn, workdir, args.workers, None), ids, args.cycles, conn, rng, None)
-    from supervisor.imds_simulator import ImdsSimulator
+    from supervisor.simulator.server import ImdsSimulator
 
     sim = ImdsSimulator(vm_name=VM_NAME).start()
     try:

@@ -13,7 +13,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testsupport.azurite import running_azurite
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 COUNTING = BENCH / "counting"  # its sitecustomize counts every queue request of a child process
-sys.path[:0] = [p for p in (str(REPO), str(REPO / "scripts")) if p not in sys.path]
-
-from local_azurite import connection_string, free_port, start_azurite  # noqa: E402
-from local_azurite import stop as stop_azurite  # noqa: E402
 
 # Environment variables the bench handlers and the counting sitecustomize read.
 DONE_ENV = "BENCH_DONE"  # completion log: one line "<end epoch> <start epoch> <pid> <body>" per finished message
@@ -39,13 +36,8 @@ REQUESTS_ENV = "BENCH_REQUESTS"  # request log: one byte per HTTP request (the m
 @contextmanager
 def azurite(workdir: Path) -> Iterator[str]:
     """A fresh in-memory Azurite on a free port; yields its connection string."""
-    port = free_port()
-    with (workdir / "azurite.log").open("wb") as log:
-        proc = start_azurite(port, workdir, log)
-        try:
-            yield connection_string(port)
-        finally:
-            stop_azurite(proc)
+    with running_azurite(workdir) as running:
+        yield running.connection_string
 
 
 def new_queue(conn: str, name: str) -> Any:
@@ -130,10 +122,10 @@ def request_count(path: Path) -> int:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment without SPOT_*/systemd variables, the repo and bench/ importable, plus extra."""
+    """This environment without SPOT_*/systemd variables, the repo (so bench.*) importable, plus extra."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SPOT_", "BENCH_")) and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), str(REPO)])
+    env["PYTHONPATH"] = str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

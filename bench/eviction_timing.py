@@ -11,7 +11,7 @@ Prints p50/p95/max of: notice → every worker stopped receiving, drain start �
 worker stopped receiving, last worker exit → acknowledgement, notice → acknowledgement,
 notice → released messages visible again; and the message accounting over all rounds.
 
-Run: .venv/bin/python bench/eviction_timing.py [--rounds 20] [--poll 1.0] [--messages 30] [--json PATH]
+Run: .venv/bin/python -m bench.eviction_timing [--rounds 20] [--poll 1.0] [--messages 30] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
-from common import (
+from bench.common import (
     approximate_count,
     azurite,
     child_env,
@@ -41,8 +41,7 @@ from common import (
     stop_tree,
     visible_count,
 )
-
-from supervisor.imds_simulator import ImdsSimulator  # importable: common put the repo on sys.path
+from supervisor.simulator.server import ImdsSimulator
 
 WORKERS = 2
 CHUNKS = 10

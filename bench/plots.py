@@ -1,6 +1,6 @@
 """PNG plots of the benchmark results (bench/results/*.json) for docs/benchmarks.md.
 
-    .venv/bin/python bench/plots.py [--results bench/results] [--out docs/img]
+    .venv/bin/python -m bench.plots [--results bench/results] [--out docs/img]
 
 Draws whichever results exist: throughput.png, scaling.png, eviction.png.
 """
@@ -17,7 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import REPO, RESULTS  # noqa: E402
+
+from bench.common import REPO, RESULTS  # noqa: E402
 
 COLORS = {"bare": "#9e9e9e", "ours": "#1f77b4", "celery": "#8c564b"}
 TITLES = {"noop": "no-op", "cpu20": "20 ms CPU", "io200": "200 ms I/O wait"}

@@ -1,7 +1,7 @@
 """Per-message cost of a program as the handler: `true` (one process per message) against a
 Python no-op handler, both under `spot-supervisor run` with the same worker count.
 
-    .venv/bin/python bench/program_overhead.py [--messages 600] [--workers 2] [--repeat 3]
+    .venv/bin/python -m bench.program_overhead [--messages 600] [--workers 2] [--repeat 3]
 
 Each run gets a fresh Azurite and a full queue, then the supervisor; the rate is
 measured from the queue itself (approximate message count, polled every 20 ms):
@@ -23,11 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, approximate_count, azurite, child_env, fill, new_queue, save, spawn, stop_tree
+from bench.common import approximate_count, azurite, child_env, fill, new_queue, save, spawn, stop_tree
 
 BIN = Path(sys.executable).parent
 SETUPS = {"program true": {"SPOT_WORKLOAD_COMMAND": "true"},
-          "python no-op": {"SPOT_WORKLOAD_HANDLER": "program_overhead:noop"}}
+          "python no-op": {"SPOT_WORKLOAD_HANDLER": "bench.program_overhead:noop"}}
 
 
 def noop(message: Any, ctx: Any) -> None:
@@ -96,7 +96,6 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="results file (default bench/results/program_overhead.json)")
     args = parser.parse_args()
-    sys.path.insert(0, str(BENCH))
     workdir = Path(tempfile.mkdtemp(prefix="program-overhead-"))
     results: dict[str, Any] = {"messages": args.messages, "workers": args.workers, "runs": {}}
     try:

@@ -1,6 +1,6 @@
 """CPU-bound scaling: 20 ms of CPU per message at 1, 2, 4 workers, and the efficiency against perfect scaling.
 
-    .venv/bin/python bench/scaling.py [--workers 1,2,4] [--messages 600] [--tools ours,bare] [--repeat 2]
+    .venv/bin/python -m bench.scaling [--workers 1,2,4] [--messages 600] [--tools ours,bare] [--repeat 2]
 
 Efficiency at n workers = rate(n) / (min(n, CPUs) × rate(1)): perfect scaling up
 to the core count, flat beyond it. The bare SDK loop runs the same rows, so a
@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from common import save
-from throughput import Run, Setup, measure
+from bench.common import save
+from bench.throughput import Run, Setup, measure
 
 
 def efficiency(rate: float, workers: int, single: float, cpus: int) -> float:

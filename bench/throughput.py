@@ -1,6 +1,6 @@
 """Throughput side by side: the bare SDK loop, spot-supervisor and Celery, same messages, same process count.
 
-    .venv/bin/python bench/throughput.py [--processes 2] [--repeat 3] [--workloads noop,cpu20,io200]
+    .venv/bin/python -m bench.throughput [--processes 2] [--repeat 3] [--workloads noop,cpu20,io200]
 
 For each workload (no-op, 20 ms of CPU, 200 ms of I/O wait) each tool gets a
 fresh queue with the same message bodies and the same number of processes:
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import (
+from bench.common import (
     CompletionLog,
     approximate_count,
     azurite,
@@ -121,23 +121,23 @@ class MemorySampler:
 def start_tool(setup: Setup, conn: str, queue: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     if setup.tool == "bare":
         env = {**env, "BENCH_CONNECTION": conn, "BENCH_QUEUE": queue}
-        argv = [sys.executable, str(Path(__file__).with_name("bare_loop.py")), setup.workload, "--processes", str(setup.processes),
+        argv = [sys.executable, "-m", "bench.bare_loop", setup.workload, "--processes", str(setup.processes),
                 "--batch", str(BARE_BATCH[setup.workload])]
     elif setup.tool == "ours":
         env = {**env, "SPOT_QUEUE_CONNECTION_STRING": conn, "SPOT_QUEUE_NAME": queue, "SPOT_EVENTS_SOURCE": "none",
-               "SPOT_WORKLOAD_HANDLER": f"workloads:{setup.workload}", "SPOT_TELEMETRY_LOG_LEVEL": "WARNING"}
+               "SPOT_WORKLOAD_HANDLER": f"bench.workloads:{setup.workload}", "SPOT_TELEMETRY_LOG_LEVEL": "WARNING"}
         if setup.threads > 1:
             env.update(SPOT_WORKLOAD_MODE="scale-up", SPOT_SCALING_THREADS_PER_CORE=str(IO_THREADS_PER_CORE))
         else:
             env["SPOT_SCALING_WORKERS"] = str(setup.processes)
         argv = [str(BIN / "spot-supervisor"), "run"]
     else:
-        from celery_app import broker_url
+        from bench.celery_app import broker_url
 
         env = {**env, "BENCH_BROKER": broker_url(conn), "BENCH_QUEUE": queue}
         pool = ["--pool", "threads", "--concurrency", str(setup.threads)] if setup.threads > 1 else \
             ["--pool", "prefork", "--concurrency", str(setup.processes)]
-        argv = [str(BIN / "celery"), "-A", "celery_app", "worker", *pool, "--without-mingle", "--without-gossip",
+        argv = [str(BIN / "celery"), "-A", "bench.celery_app", "worker", *pool, "--without-mingle", "--without-gossip",
                 "--without-heartbeat", "--loglevel", "WARNING"]
     return spawn(argv, env, log)
 
@@ -148,7 +148,7 @@ def enqueue(setup: Setup, conn: str, queue: str, bodies: list[str]) -> Any:
     if setup.tool != "celery":
         fill(client, bodies)
         return client
-    from celery_app import send_tasks
+    from bench.celery_app import send_tasks
 
     send_tasks(conn, queue, setup.workload, bodies)
     if (count := approximate_count(client)) != len(bodies):

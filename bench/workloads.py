@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common import record_completion
-
+from bench.common import record_completion
 from worker.sample import burn
 
 

@@ -6,9 +6,9 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh" test,bench
-cd "$repo/bench"
+cd "$repo"  # bench/ is a package: each benchmark runs as python -m bench.<name>
 py="$repo/.venv/bin/python"
-mkdir -p results
+mkdir -p bench/results
 
 if [ "${1:-}" = "--quick" ]; then
   throughput=(--scale 0.3 --repeat 1); scaling=(--messages 200 --repeat 1)
@@ -17,17 +17,17 @@ else
   throughput=(); scaling=(); eviction=(); chaos=(); program=()
 fi
 
-run() {  # run <name> <script> [args...]: print and keep the output; a failing benchmark fails the whole run
-  local name="$1"; shift
+run() {  # run <name> <module> [args...]: print and keep the output; a failing benchmark fails the whole run
+  local name="$1" module="$2"; shift 2
   echo "== $name" >&2
-  "$py" "$@" 2>&1 | tee "results/$name.txt"
+  "$py" -m "bench.$module" "$@" 2>&1 | tee "bench/results/$name.txt"
 }
 
-run azurite_depth azurite_depth.py
-run throughput throughput.py "${throughput[@]}"
-run scaling scaling.py "${scaling[@]}"
-run eviction_timing eviction_timing.py "${eviction[@]}"
-run chaos chaos.py "${chaos[@]}"
-run chaos_celery chaos.py --tool celery --mode kill --json results/chaos_celery.json "${chaos[@]}"
-run program_overhead program_overhead.py "${program[@]}"
-"$py" plots.py
+run azurite_depth azurite_depth
+run throughput throughput "${throughput[@]}"
+run scaling scaling "${scaling[@]}"
+run eviction_timing eviction_timing "${eviction[@]}"
+run chaos chaos "${chaos[@]}"
+run chaos_celery chaos --tool celery --mode kill --json bench/results/chaos_celery.json "${chaos[@]}"
+run program_overhead program_overhead "${program[@]}"
+"$py" -m bench.plots

@@ -26,14 +26,8 @@ from typing import IO
 import httpx
 from azure.storage.queue import QueueClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_azurite import (  # noqa: E402
-    connection_string,
-    free_port,
-    start_azurite,
-    stop,
-    wait_for_port,
-)
+from testsupport.azurite import connection_string, start_azurite, stop_azurite
+from testsupport.net import free_port, wait_for_port
 
 MESSAGES = 100
 QUEUE = "demo-work"
@@ -201,7 +195,7 @@ def main() -> int:
                 p.kill()
         simulator.terminate()
         simulator.wait(10)
-        stop(azurite)
+        stop_azurite(azurite)
         azurite_log.close()
 
 

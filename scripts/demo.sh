@@ -4,4 +4,5 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
-exec "$repo/.venv/bin/python" "$repo/scripts/demo.py" "$@"
+cd "$repo"  # run as a module from the repo root, so it imports testsupport/ like the tests and bench do
+exec "$repo/.venv/bin/python" -m scripts.demo "$@"

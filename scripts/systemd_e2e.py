@@ -30,9 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.queue import QueueClient
-from local_azurite import connection_string, free_port, start_azurite, stop, wait_for_port
-from nspawn_container import CannotRun, Container, debian_mirror, ensure_host_tools, log, rootfs_archive
-from systemd_e2e_checks import CHECKS, CheckFailed, Service
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # testsupport/, when run as a script
+from nspawn_container import CannotRun, Container, debian_mirror, ensure_host_tools, log, rootfs_archive  # noqa: E402
+from systemd_e2e_checks import CHECKS, CheckFailed, Service  # noqa: E402
+
+from testsupport.azurite import connection_string, start_azurite  # noqa: E402
+from testsupport.azurite import stop_azurite as stop  # noqa: E402
+from testsupport.net import free_port, wait_for_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER = REPO / "scripts" / "systemd_e2e_handler"

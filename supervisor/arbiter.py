@@ -76,6 +76,7 @@ class Arbiter(WorkerPool):
 
     def run(self) -> int:
         self.install_signals()
+        self.lease_guard.start()
         strays.become_subreaper()
         if self.events is not None:
             self.events.watch(self.submit)
@@ -328,6 +329,7 @@ class Arbiter(WorkerPool):
             time.sleep(0.02)
             self.reap_workers()
         strays.sweep(self.workers)
+        self.lease_guard.stop()
         extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
         log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
 

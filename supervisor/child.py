@@ -13,6 +13,7 @@ from types import FrameType
 
 from supervisor.gpus import Gpu, pin_to_gpu
 from worker.control import Channel
+from worker.lease_slots import LeaseSlots
 from worker.logs import setup_logging
 from worker.process import WorkerProcess
 from worker.settings import Settings
@@ -42,7 +43,8 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
 
 
 def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
-              inherited: Iterable[int], attributes: dict[str, str], gpu: Gpu | None = None) -> None:
+              inherited: Iterable[int], attributes: dict[str, str], gpu: Gpu | None = None,
+              lease_slots: LeaseSlots | None = None) -> None:
     """Never returns: exits the process with the worker's exit code.
 
     The handler is imported here, after the fork and after CUDA_VISIBLE_DEVICES is set: CUDA
@@ -68,7 +70,7 @@ def run_child(settings: Settings, index: int, threads: int, sock: socket.socket,
         telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index), **gpu_attributes},
                                     point_attributes=gpu_attributes)
         try:
-            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid).run()
+            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid, lease_slots).run()
         finally:
             telemetry.shutdown()
     except BaseException:  # anything unexpected in a child is logged, then the supervisor decides

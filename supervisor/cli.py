@@ -10,13 +10,15 @@ import os
 import sys
 from collections.abc import Callable
 
-from supervisor import imds_simulator, poison_cli
+from supervisor import poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError, describe_workload
 from worker.logs import is_journal_stream, setup_logging
 from worker.settings import ConfigError
 
 log = logging.getLogger("supervisor")
+
+SIMULATOR_PORT = 8169
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
     simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
-    imds_simulator.add_arguments(simulate)
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    simulate.add_argument("--port", type=int, default=SIMULATOR_PORT, help="port to listen on (default: %(default)s)")
+    simulate.add_argument("--vm-name", default="vm-spot-07", help="compute.name served (default: %(default)s)")
+    simulate.add_argument("--vm-size", default="Standard_D2s_v3", help="compute.vmSize served (default: %(default)s)")
+    simulate.add_argument("--priority", default="Spot", choices=("Spot", "Regular", "Low"),
+                          help="compute.priority served (default: %(default)s)")
+    simulate.add_argument("--evict-after", type=float, default=None, metavar="S",
+                          help="post a Preempt for this VM S seconds after start")
+    simulate.add_argument("--notice", type=float, default=30.0, metavar="S",
+                          help="seconds between an eviction appearing and its NotBefore (default: %(default)s)")
 
     prices = sub.add_parser("prices", help="this VM's Linux Spot and pay-as-you-go hourly prices and the savings "
                                            "(Azure Retail Prices API, cached for a day)")
@@ -74,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "poison":
         poison_cli.check_arguments(parser, args)
-    if args.command == "simulate":
+    if args.command == "simulate":  # a development tool: `run` never loads it
+        from supervisor.simulator import cli as simulator_cli
+
         setup_logging("INFO", "imds-simulator")
-        return imds_simulator.run(args)
+        return simulator_cli.run(args)
     try:
         settings = load_supervisor_settings(args.config, require_queue=args.command not in ("plan", "prices"))
         setup_logging(settings.telemetry.log_level, "supervisor")

@@ -15,9 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
+from supervisor import strays
 from supervisor.child import run_child
 from supervisor.config import SupervisorSettings
 from supervisor.drain import DrainInProgress
+from supervisor.lease_guard import LeaseGuard
 from supervisor.metrics import SupervisorMetrics
 from supervisor.sizing import Plan
 from worker.backoff import exponential_delay
@@ -27,6 +31,7 @@ from worker.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 STABLE_AFTER_S = 30.0  # a worker that lived this long resets its slot's crash backoff
+BUSY_CPU_SHARE = 0.5  # a silent worker that used at least this share of one CPU meanwhile is busy, not hung
 
 
 @dataclass
@@ -40,6 +45,8 @@ class WorkerHandle:
     retiring: bool = False  # draining: not respawned when it exits
     stats: dict[str, Any] = field(default_factory=dict)
     last_heard: float = 0.0  # time.time() of its last message: stats come every second, a heartbeat
+    cpu_at_heard: float = 0.0  # its CPU seconds then: silent but computing is busy (a handler holding the GIL), not hung
+    busy_warned: bool = False
     unresponsive: bool = False  # killed for silence
 
 
@@ -75,6 +82,7 @@ class WorkerPool:
         self.drain_state: DrainInProgress | None = None  # set and cleared by the Arbiter
         self.exit_code: int | None = None
         self.settled = Settled()
+        self.lease_guard = LeaseGuard()  # started by the Arbiter's run()
         self.reload_pending = False  # a SIGHUP came while a generation was starting: reload once it is ready
 
     def own_fds(self) -> list[int]:
@@ -104,10 +112,13 @@ class WorkerPool:
         inherited += [parent_end.fileno(), *self.own_fds()]
         supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
         gpu = self.plan.gpu_for_slot(slot)  # by slot: a respawned worker gets its slot's GPU back
+        leases = self.lease_guard.new_table(self.plan.threads, self.settings.queue)
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, gpu)
+            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, gpu,
+                      leases)
         child_end.close()
+        self.lease_guard.watch(pid, leases, self.settings.queue)
         now = time.time()
         self.workers[pid] = WorkerHandle(pid, slot, self.generation, Channel(parent_end), now, last_heard=now)
         self.respawn_at.pop(slot, None)
@@ -121,6 +132,8 @@ class WorkerPool:
     def on_worker_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         kind = message["kind"]
         handle.last_heard = time.time()
+        handle.cpu_at_heard = cpu_seconds(handle.pid)
+        handle.busy_warned = False
         if kind == Kind.READY:
             handle.ready = True
             if handle.generation == self.generation:
@@ -149,6 +162,10 @@ class WorkerPool:
             for message in handle.channel.receive():  # its last words, e.g. the drained counts
                 self.on_worker_message(handle, message)
             handle.channel.close()
+            # What it still held (killed at the deadline, or crashed) goes back now; cut short by a drain, as a
+            # release. What it started is killed first, so nothing still works on a message given back.
+            strays.sweep(self.workers)
+            self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.drain_state is not None)
             self.worker_stopped_receiving(pid, None)
             self.settled.add(handle.stats)
             self.on_worker_exit(handle, status)
@@ -175,8 +192,9 @@ class WorkerPool:
         log.warning("worker %d died (%s) after %.1fs; respawning slot %d in %.1fs", handle.pid, described, lived, handle.slot, delay)
 
     def check_liveness(self) -> None:
-        """A ready worker that sends nothing (stopped, or stuck without the GIL) is killed, then replaced
-        like any crashed one; what it held reappears after its lease."""
+        """A ready worker that sends nothing and uses no CPU (stopped, deadlocked) is killed, then replaced
+        like any crashed one; what it held reappears after its lease. One that is silent but computing (a
+        handler holding the GIL) is busy, not hung: it is left alone, the lease guard renews its leases."""
         timeout = self.settings.scaling.worker_timeout_s
         # A draining worker's loop gives its messages back, one queue call at a time, which may take long while
         # the queue fails: it gets its drain time on top.
@@ -185,6 +203,12 @@ class WorkerPool:
         for handle in self.workers.values():
             silent = now - handle.last_heard
             if handle.ready and not handle.unresponsive and silent > (draining_timeout if handle.retiring else timeout):
+                if cpu_seconds(handle.pid) - handle.cpu_at_heard >= BUSY_CPU_SHARE * silent:
+                    if not handle.busy_warned:
+                        handle.busy_warned = True
+                        log.warning("worker %d sent nothing for %.1fs but is computing (a handler holding the GIL?): "
+                                    "left running, its leases renewed by the supervisor", handle.pid, silent)
+                    continue
                 handle.unresponsive = True
                 log.error("worker %d sent nothing for %.1fs (scaling.worker_timeout_s %.0f): killing it",
                           handle.pid, silent, timeout)
@@ -296,3 +320,12 @@ class WorkerPool:
             for key in ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost"):
                 totals[key] = totals.get(key, 0) + int(handle.stats.get(key, 0))
         return totals
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (0.0 once it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)

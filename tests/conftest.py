@@ -1,54 +1,26 @@
-"""Shared fixtures: one real Azurite (queue service, in memory) per test run."""
+"""Fixtures: one real Azurite (queue service, in memory) per test run, a fresh queue per test,
+and `supervisors`, which starts `spot-supervisor` processes and kills their process groups afterwards.
+
+Helpers live in testsupport/ (importable thanks to pytest's `pythonpath = ["."]`).
+"""
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from local_azurite import (  # noqa: E402
-    connection_string,
-    free_port,
-    start_azurite,
-    stop,
-    wait_for_port,
-)
-
-__all__ = ["Azurite", "free_port", "wait_for_port"]
-
-
-@dataclass(frozen=True)
-class Azurite:
-    port: int
-
-    @property
-    def connection_string(self) -> str:
-        return connection_string(self.port)
-
-    def queue(self, name: str) -> QueueClient:
-        return QueueClient.from_connection_string(self.connection_string, name)
+from testsupport.azurite import Azurite, running_azurite
+from testsupport.harness import Supervisor
 
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    workdir = tmp_path_factory.mktemp("azurite")
-    with (workdir / "azurite.log").open("wb") as log:
-        port = free_port()
-        proc = start_azurite(port, workdir, log)
-        try:
-            yield Azurite(port)
-        finally:
-            stop(proc)
+    with running_azurite(tmp_path_factory.mktemp("azurite")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -63,18 +35,18 @@ def queue(azurite: Azurite, queue_name: str) -> QueueClient:
     return client
 
 
-def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
-    """Environment for a child process (worker or supervisor) aimed at the test Azurite.
+@pytest.fixture
+def supervisors(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
+    """start(env, *args, preexec_fn=None) -> Supervisor (args default to "run"); all are killed at teardown."""
+    started: list[Supervisor] = []
 
-    events.source is "none" and cost.enabled false unless a test says otherwise: the real IMDS
-    address and the public Retail Prices API are never contacted from tests.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
-    env.update({"SPOT_QUEUE_CONNECTION_STRING": azurite.connection_string, "SPOT_EVENTS_SOURCE": "none",
-                "SPOT_COST_ENABLED": "false",
-                "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])})
-    env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
-    return env
+    def start(env: dict[str, str], *args: str, preexec_fn: Callable[[], None] | None = None) -> Supervisor:
+        sup = Supervisor(env, tmp_path, *args, preexec_fn=preexec_fn)
+        started.append(sup)
+        return sup
 
-
-AZURE_FIXTURES = REPO.parent / "shared" / "fixtures" / "azure"
+    try:
+        yield start
+    finally:
+        for sup in started:
+            sup.cleanup()

@@ -1,6 +1,6 @@
 """The supervisor's drain under hostile Scheduled Events (issue 16): a real supervisor, real workers,
 a real Azurite, the IMDS simulator serving raw documents over HTTP."""
-# ruff: noqa: F811 (pytest fixtures imported from test_eviction, then named as parameters)
+# ruff: noqa: F811 (pytest fixtures imported from test_e2e_eviction, then named as parameters)
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.queue import QueueClient
-from test_eviction import Supervisor, enqueue, results, simulator, start, stop_when_holding  # noqa: F401 (fixtures)
-from waiting import wait_until
+from test_e2e_eviction import enqueue, results, simulator, start, stop_when_holding  # noqa: F401 (fixtures)
 
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.handlers import read_records
+from testsupport.harness import RECORD_HANDLER, Supervisor
+from testsupport.waiting import wait_until
 
 VM = "vm-spot-07"
 ALL_TYPES = "Freeze,Preempt,Terminate,Reboot,Redeploy"
@@ -49,7 +51,7 @@ def test_a_freeze_does_not_hide_a_preempt_in_the_same_document(
                                                                   raw_event("P1", "Preempt", now + 30)]})
     sup.wait_for_log("holding until P1")  # the most final event decides: the VM is going
     time.sleep(1.0)  # four polls: nothing resumes behind the freeze
-    log = sup.text()
+    log = sup.log()
     assert "resuming processing" not in log
     assert acked_ids(simulator) == ["F1", "P1"]  # each event this VM may approve
     drain = timeline(log)
@@ -62,15 +64,15 @@ def test_a_freeze_does_not_hide_a_preempt_in_the_same_document(
 
 def test_a_stop_during_a_drain_is_not_undone_by_a_freeze(
         start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    queue.send_message(json.dumps({"seconds": 2}))
-    sup = start(workload_handler="evict_handlers:stubborn", events_drain_on=ALL_TYPES)
-    sup.wait_for(lambda: (tmp_path / "stubborn.started").exists(), 20, "the handler to start")
+    queue.send_message(json.dumps({"sleep": 2, "ignore_drain": True}))
+    sup = start(workload_handler=RECORD_HANDLER, events_drain_on=ALL_TYPES)
+    sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     sup.proc.send_signal(signal.SIGTERM)  # systemctl stop
     sup.wait_for_log("drain (SIGTERM")
     simulator.add_event("Freeze", delay_s=60)
     sup.wait_for_log("Freeze")
     assert sup.proc.wait(20) == 0
-    assert "resuming processing" not in sup.text()
+    assert "resuming processing" not in sup.log()
 
 
 def test_a_malformed_event_for_another_vm_does_not_hide_a_preempt(
@@ -83,7 +85,7 @@ def test_a_malformed_event_for_another_vm_does_not_hide_a_preempt(
     simulator.set_document({"DocumentIncarnation": 3, "Events": [bad, unreadable, raw_event("P1", "Preempt", now + 30)]})
     sup.wait_for_log("holding until P1")
     time.sleep(1.0)  # more polls of the same document
-    log = sup.text()
+    log = sup.log()
     assert log.count("DurationInSeconds must be int") == 1, "logged on every poll, not once"
     assert log.count("Resources must be list") == 1
     assert acked_ids(simulator) == ["P1"]
@@ -98,7 +100,7 @@ def test_an_acknowledged_event_that_is_not_carried_out_resumes_processing(
     notice = simulator.simulate_eviction(delay_s=30)
     sup.wait_for_log(f"holding until {notice['EventId']}")  # acknowledged, and still here: hold, do not exit
     assert acked_ids(simulator) == [notice["EventId"]]
-    assert "acknowledged, waiting for the VM to go" in sup.text()
+    assert "acknowledged, waiting for the VM to go" in sup.log()
     simulator.cancel_event(notice["EventId"])  # the platform never went ahead
     sup.wait_for_log("was cancelled")
     enqueue(queue, 2, chunks=1, chunk_ms=1)
@@ -136,7 +138,7 @@ def test_an_older_document_does_not_undo_a_drain(start: Callable[..., Supervisor
         time.sleep(0.6)
         simulator.set_document(current)
         time.sleep(0.6)
-    log = sup.text()
+    log = sup.log()
     assert "was cancelled" not in log and "resuming processing" not in log
     assert log.count("older than the last one seen") == 1
     assert sup.worker_pids() == set()
@@ -192,7 +194,7 @@ def test_a_failed_acknowledgement_is_retried_without_blocking_the_main_loop(
         sup.wait_for_log("ready:")
         notice = simulator.simulate_eviction(delay_s=30)
         sup.wait_for(lambda: len(simulator.acks()) == 1, 30, "a successful acknowledgement")
-        log = sup.text()
+        log = sup.log()
         assert f"holding until {notice['EventId']}" in log
         assert "failed (attempt 4" in log
         during = [t for t in pings.times if attempts[0] <= t <= attempts[-1]]

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
+
+from testsupport.azurite import Azurite
+from testsupport.harness import child_env
 
 
 def enqueue(azurite: Azurite, queue_name: str, *args: str, **spot: str) -> subprocess.CompletedProcess[str]:

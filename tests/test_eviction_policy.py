@@ -9,17 +9,17 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from conftest import AZURE_FIXTURES
 
 from supervisor import eviction
 from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
 from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
-from supervisor.imds_simulator import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.harness import AZURE_FIXTURES
 
 VM = "vm-spot-07"
 NOT_BEFORE = datetime(2026, 11, 21, 14, 0, 30, tzinfo=timezone.utc).timestamp()  # the fixtures' Preempt

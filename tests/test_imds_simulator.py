@@ -12,11 +12,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import AZURE_FIXTURES, REPO, free_port, wait_for_port
-from waiting import wait_until
 
 from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info, parse_instance
-from supervisor.imds_simulator import ImdsSimulator
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.harness import AZURE_FIXTURES, REPO
+from testsupport.net import free_port, wait_for_port
+from testsupport.waiting import wait_until
 
 EVENTS = "/metadata/scheduledevents?api-version=2020-07-01"
 INSTANCE = "/metadata/instance?api-version=2021-02-01"
@@ -336,11 +337,7 @@ def test_stop_closes_kept_alive_connections() -> None:
 
 def test_cli_serves_in_the_foreground_until_sigterm() -> None:
     port = free_port()
-    code = ("import argparse, sys\n"
-            "from supervisor import imds_simulator as s\n"
-            "p = argparse.ArgumentParser(); s.add_arguments(p)\n"
-            "sys.exit(s.run(p.parse_args(sys.argv[1:])))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--port", str(port), "--vm-name", "vm-cli",
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "simulate", "--port", str(port), "--vm-name", "vm-cli",
                              "--evict-after", "0", "--notice", "7"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite
 
+from testsupport.azurite import Azurite
 from worker.settings import ShutdownSettings
 
 if sys.version_info >= (3, 11):
@@ -191,6 +191,10 @@ def test_install_from_the_wheelhouse_offline_then_plan_runs(package_v1: Path, tm
     plan = run(opt / "current" / "bin" / "spot-supervisor", "plan", "--config", etc / "config.toml",
                env=clean_env(SPOT_EVENTS_SOURCE="none"))
     assert "workers" in plan.stdout
+    # The simulator subpackage ships too (`spot-supervisor simulate`), imported from the install, not the checkout.
+    simulator = run(opt / "current" / "bin" / "python", "-I", "-c", "import supervisor.simulator.server as s; print(s.__file__)",
+                    env=clean_env())
+    assert str(opt) in simulator.stdout
 
     # Idempotent: a second install changes nothing and keeps the config.
     (etc / "config.toml").write_text((etc / "config.toml").read_text() + "\n# operator edit\n")

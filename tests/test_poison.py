@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.harness import RECORD_HANDLER, child_env
+from testsupport.waiting import wait_until
 from worker.message import MAX_MESSAGE_BYTES
 from worker.poisoned import POISON_MARKER, poisoned_text, read_poisoned
 
@@ -55,7 +56,7 @@ def run_until_poisoned(env: dict[str, str], poison: QueueClient, main: QueueClie
 
 def test_list_requeue_purge_what_a_failing_handler_poisoned(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                            tmp_path: Path) -> None:
-    env = child_env(azurite, queue_name=queue_name, workload_handler="handlers:record", scaling_workers="1",
+    env = child_env(azurite, queue_name=queue_name, workload_handler=RECORD_HANDLER, scaling_workers="1",
                     queue_max_dequeue_count="1", queue_idle_poll_max_s="0.2", shutdown_drain_timeout_s="5")
     env["TEST_HANDLER_RECORD"] = str(tmp_path / "record.jsonl")
     poison = azurite.queue(f"{queue_name}-poison")

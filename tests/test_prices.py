@@ -17,15 +17,17 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import AZURE_FIXTURES, Azurite, child_env, free_port
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from waiting import wait_until
 
 from supervisor.cost import CostTracker
-from supervisor.imds_simulator import ImdsSimulator
 from supervisor.metrics import SupervisorMetrics
 from supervisor.prices import PriceQuote, PricesError, fetch_quote, quote_from_items, read_cached, write_cache
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.azurite import Azurite
+from testsupport.harness import AZURE_FIXTURES, child_env
+from testsupport.net import free_port
+from testsupport.waiting import wait_until
 from worker.backoff import Backoff
 
 SKU, REGION = "Standard_D4s_v5", "westeurope"

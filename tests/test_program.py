@@ -18,16 +18,17 @@ from pathlib import Path
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import REPO, TESTS, Azurite, child_env
 from nvidia_smi_standin import install, uuids
+from test_e2e_supervisor import message_count, visible_ids
 from test_gpu_supervisor import SPAWNED
-from test_supervisor import SUPERVISOR, Supervisor, message_count, visible_ids
-from waiting import wait_until
 
+from testsupport.azurite import Azurite
+from testsupport.harness import REPO, SUPERVISOR, Supervisor, child_env
+from testsupport.waiting import wait_until
 from worker.message import Codec
 from worker.poisoned import read_poisoned
 
-PROGRAMS = TESTS / "programs"
+PROGRAMS = REPO / "tests" / "programs"
 EXAMPLE = REPO / "examples" / "render_frames.sh"
 
 
@@ -77,7 +78,7 @@ def read_pids(path: Path) -> list[int] | None:
 def stored_state(queue: QueueClient) -> list[object]:
     """The checkpoint each visible message carries (peek: nothing is received)."""
     codec = Codec("none")
-    return [codec.open(m.content)[0].state for m in queue.peek_messages(max_messages=32)]
+    return [codec.open(m.content, m.id)[0].state for m in queue.peek_messages(max_messages=32)]
 
 
 def poisoned_bodies(poison: QueueClient) -> list[str]:
@@ -276,7 +277,7 @@ def test_sigkill_of_a_worker_kills_what_a_python_handler_started(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
     pid_file = tmp_path / "pid"
     queue.send_message("x")
-    env = program_env(azurite, queue_name, "", workload_handler="program_handlers:start_a_child")
+    env = program_env(azurite, queue_name, "", workload_handler="testsupport.program_handlers:start_a_child")
     env["PROG_PIDS"] = str(pid_file)
     sup = start(env)
     child = wait_until(lambda: read_pids(pid_file), 10, lambda: f"the handler to start; log:\n{sup.log()[-3000:]}")[0]

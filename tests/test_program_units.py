@@ -10,12 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TESTS
 
+from testsupport.harness import REPO
 from worker.program import resolve_command
 from worker.program_io import CUT_MARK, OutputLines
 from worker.settings import ConfigError, load_settings
 
+TESTS = REPO / "tests"
 BASE_ENV = {"SPOT_QUEUE_CONNECTION_STRING": "UseDevelopmentStorage=true", "SPOT_EVENTS_SOURCE": "none"}
 
 

@@ -20,15 +20,16 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import Azurite, child_env
 
-from supervisor.imds_simulator import ImdsSimulator
 from supervisor.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,
     resource_url,
     wait_for_provisioning,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.azurite import Azurite
+from testsupport.harness import child_env
 from worker.backoff import Backoff, exponential_delay
 
 VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/spot-1"

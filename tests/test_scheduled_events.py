@@ -11,19 +11,20 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from conftest import AZURE_FIXTURES, free_port
 
 from supervisor.config import EventsSettings
 from supervisor.event_watcher import EventWatcher
 from supervisor.eviction import Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.imds import ImdsError
-from supervisor.imds_simulator import ImdsSimulator
 from supervisor.scheduled_events import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
     parse_document,
 )
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.harness import AZURE_FIXTURES
+from testsupport.net import free_port
 from worker.backoff import Backoff
 
 VM = "vm-spot-07"

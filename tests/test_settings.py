@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import tomllib
-from conftest import REPO
 
 from supervisor.config import (
     EventsSettings,
@@ -21,6 +20,7 @@ from supervisor.config import (
     load_supervisor_settings,
     unknown_env_variables,
 )
+from testsupport.harness import REPO
 from worker.settings import SUPERVISOR_SECTIONS, ConfigError, QueueSettings, Settings, load_settings, section_types
 
 SECTIONS = section_types(SupervisorSettings)
@@ -199,7 +199,7 @@ def test_sku_overrides_are_kept(tmp_path: Path) -> None:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_") and k != "APPLICATIONINSIGHTS_CONNECTION_STRING"}
-    return {**env, **BASE_ENV, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), **extra}
+    return {**env, **BASE_ENV, "PYTHONPATH": str(REPO), **extra}
 
 
 BAD_CONFIGS = {

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from azure.storage.queue import QueueClient, QueueMessage
 from worker.backoff import Backoff, exponential_delay
 from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
+from worker.lease_slots import LeaseSlots
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.poisoned import poisoned_text
 from worker.program import ProgramFailed
@@ -60,6 +61,7 @@ class Shared:
     stop: StopSignal = field(default_factory=StopSignal)  # handlers' view: ctx.draining, ctx.deadline
     stop_receiving: threading.Event = field(default_factory=threading.Event)
     counters: Counters = field(default_factory=Counters)
+    lease_slots: LeaseSlots | None = None  # shared with the supervisor's lease guard
     _poison: QueueClient | None = None
     _poison_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,6 +78,14 @@ def retry_delay_s(settings: QueueSettings, failures: int) -> int:
     """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
     delay = exponential_delay(failures - 1, settings.retry_delay_s, settings.retry_delay_max_s)
     return max(1, round(delay * random.uniform(0.8, 1.2)))
+
+
+INTERRUPTION_DELAY_MAX_S = 30
+
+
+def interruption_delay_s(releases: int) -> int:
+    """Visibility delay after an Interrupted outside a drain: 1, 2, 4 ... 30 s as the message's releases grow."""
+    return min(INTERRUPTION_DELAY_MAX_S, 2 ** min(releases, 5))
 
 
 class Consumer:
@@ -169,16 +179,36 @@ class Consumer:
                 self.shared.leases.remove(lease)
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
-        """Lease and Message for a received message, or None when it went straight to poison."""
+        """Lease and Message for a received message, or None when it went straight to poison.
+
+        Whatever goes wrong opening one message affects that message only: it is poisoned with the reason
+        (or, if even that fails, left to reappear after its lease).
+        """
+        try:
+            return self._open(qm)
+        except Exception:
+            log.exception("could not open or poison message %s; it reappears after its lease", qm.id)
+            return None
+
+    def _open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
         text = qm.content or ""
         try:
-            envelope, body = self.shared.codec.open(text)
+            envelope, body = self.shared.codec.open(text, qm.id)
         except UndecodableMessage as exc:
-            lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", Envelope(text), self.settings.visibility_timeout_s)
-            self.poison(lease, f"undecodable ({self.settings.message_encoding}): {exc}", qm.dequeue_count, qm.inserted_on)
+            self.poison(self.lease(qm, Envelope(text)), f"undecodable ({self.settings.message_encoding}): {exc}",
+                        qm.dequeue_count, qm.inserted_on)
             return None
-        lease = Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s)
+        except Exception as exc:  # a bug here must not send the whole batch back every cycle
+            log.exception("could not open message %s", qm.id)
+            self.poison(self.lease(qm, Envelope(text)), f"could not be opened: {type(exc).__name__}: {exc}",
+                        qm.dequeue_count, qm.inserted_on)
+            return None
         dequeue_count = qm.dequeue_count or 1
+        if envelope.upgraded:
+            # A version-1 envelope: its release count is not trusted, so its earlier attempts are not counted
+            # at all (once: the next settle rewrites it in the current form).
+            envelope = replace(envelope, releases=dequeue_count - 1)
+        lease = self.lease(qm, envelope)
         prior_failures = max(0, dequeue_count - 1 - envelope.releases)
         if prior_failures >= self.settings.max_dequeue_count:
             # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
@@ -187,6 +217,10 @@ class Consumer:
             return None
         self.shared.leases.add(lease)
         return lease, Message(qm.id, body, dequeue_count, qm.inserted_on), prior_failures
+
+    def lease(self, qm: QueueMessage, envelope: Envelope) -> Lease:
+        return Lease(self.client, self.shared.codec, qm.id, qm.pop_receipt or "", envelope, self.settings.visibility_timeout_s,
+                     self.shared.lease_slots)
 
     def run_handler(self, lease: Lease, message: Message, prior_failures: int) -> None:
         shared = self.shared
@@ -238,7 +272,13 @@ class Consumer:
         self.shared.counters.add(outcome if done else "lease_lost")
 
     def settle_release(self, lease: Lease, outcome: str) -> None:
-        self.settle(lease, outcome, lease.release)
+        if self.shared.stop.is_set:
+            self.settle(lease, outcome, lease.release)
+            return
+        # Interrupted outside a drain: given back after a short growing delay, not at once (which would
+        # redeliver it tens of times a second, two billable requests each).
+        delay = interruption_delay_s(lease.envelope.releases)
+        self.settle(lease, outcome, lambda: lease.release(delay_s=delay))
 
     def settle_failure(self, lease: Lease, failures: int, message: Message | None = None) -> None:
         if failures >= self.settings.max_dequeue_count:

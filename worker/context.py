@@ -6,17 +6,26 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from worker.backoff import Backoff
 from worker.lease import Lease
 from worker.message import (
     MAX_MESSAGE_BYTES,
+    MAX_STATE_DEPTH,
     CheckpointTooLarge,
     Codec,
-    Envelope,
+    json_depth,
     text_size,
 )
+from worker.queue_client import describe
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TRIES = 3  # each one already the SDK's own retries
+CHECKPOINT_RETRY_BASE_S = 0.5
 
 
 class StopSignal:
@@ -77,17 +86,32 @@ class Context:
     def checkpoint(self, state: Any) -> bool:
         """Store `state` (JSON-serialisable) in the message; the next attempt sees it as ctx.state.
 
-        Returns False if the lease was lost meanwhile (the checkpoint is then not stored).
-        Raises CheckpointTooLarge, leaving the message unchanged, past the 64 KiB limit.
+        Returns False when it was not stored: the lease was lost meanwhile, or the queue stayed
+        unavailable through a few tries (the handler goes on; a later checkpoint may succeed).
+        Raises CheckpointTooLarge, leaving the message unchanged, past the 64 KiB limit or
+        nested deeper than MAX_STATE_DEPTH levels.
         """
+        depth = json_depth(state)
+        if depth > MAX_STATE_DEPTH:
+            raise CheckpointTooLarge(f"checkpoint of message {self._lease.id} nests {depth} levels deep, over the "
+                                     f"{MAX_STATE_DEPTH}-level limit; nothing was stored")
         json.dumps(state)  # a TypeError here names the unserialisable value, before anything is sent
-        current = self._lease.envelope
-        updated = Envelope(current.original, state, current.releases)
-        text = self._codec.seal(updated)
+        updated = replace(self._lease.envelope, state=state, upgraded=False)
+        text = self._codec.seal(updated, self._lease.id)
         size = text_size(text)
         if size > MAX_MESSAGE_BYTES:
             raise CheckpointTooLarge(
                 f"checkpoint would make message {self._lease.id} {size} bytes, "
                 f"over the queue's {MAX_MESSAGE_BYTES}-byte limit; nothing was stored"
             )
-        return self._lease.checkpoint(updated, text)
+        backoff = Backoff(CHECKPOINT_RETRY_BASE_S, CHECKPOINT_RETRY_BASE_S * 4)
+        for attempt in range(1, CHECKPOINT_TRIES + 1):
+            try:
+                return self._lease.checkpoint(updated, text)
+            except Exception as exc:  # the queue is failing: not the handler's fault, so never raised into it
+                if attempt == CHECKPOINT_TRIES:
+                    log.warning("checkpoint of message %s not stored after %d tries (%s); the handler goes on",
+                                self._lease.id, attempt, describe(exc))
+                    return False
+                time.sleep(backoff.next_delay())
+        return False

@@ -1,11 +1,21 @@
 """What a handler sees, and how progress travels inside the queued message itself.
 
-A message on the queue is either the producer's original text, or an envelope
-this package wrote back with `update_message`: the original text untouched,
-plus the last checkpoint and how many attempts ended in a release. Keeping
-both in the message means any process on any VM resumes from the checkpoint,
-and poison is judged by failures only (the queue's dequeue_count also counts
-releases).
+A message on the queue is either the producer's text, or an envelope this
+package wrote back with `update_message`: a one-line header (the last
+checkpoint and how many attempts ended in a release) followed by the
+producer's payload verbatim. Keeping both in the message means any process
+on any VM resumes from the checkpoint, and poison is judged by failures only
+(the queue's dequeue_count also counts releases).
+
+Only this system can write an envelope a consumer trusts: the header names the
+id the Queue service gave the message, which a producer cannot know when it
+writes the text (update_message keeps the id; put assigns a new random one).
+Text that looks like an envelope but names another id, or none, is producer
+text like any other and reaches the handler as its body, untouched.
+
+The payload follows the header unescaped (in base64 mode the header and the
+payload's bytes are encoded together, once), so an envelope is its body plus a
+small header, never a multiple of it.
 """
 
 from __future__ import annotations
@@ -13,12 +23,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 MAX_MESSAGE_BYTES = 64 * 1024  # the Queue service's limit on a message's text
-ENVELOPE_PREFIX = '{"spot-supervisor":1,'
+ENVELOPE_MARKER = "#spot-supervisor/2"
+LEGACY_ENVELOPE_PREFIX = '{"spot-supervisor":1,'  # what versions before 2 wrote: see Codec.open
+MAX_STATE_DEPTH = 64  # nesting levels a checkpoint may have
+MAX_RELEASES = 10**9
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
 
 
 class Interrupted(Exception):
@@ -26,11 +40,11 @@ class Interrupted(Exception):
 
 
 class CheckpointTooLarge(ValueError):
-    """The checkpoint would push the message past the 64 KiB limit; nothing was changed."""
+    """The checkpoint would push the message past the 64 KiB limit, or nests too deep; nothing was changed."""
 
 
 class UndecodableMessage(ValueError):
-    """The message text is not valid for the configured encoding."""
+    """The message text is not valid for the configured encoding, or its envelope is damaged."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +57,13 @@ class Message:
 
 @dataclass(frozen=True)
 class Envelope:
-    """The message text as stored: `original` is exactly what the producer enqueued."""
+    """The message as stored: `original` is exactly the queue text the producer enqueued."""
 
     original: str
     state: Any = None
     releases: int = 0
+    # Opened from a version-1 envelope: the next settle writes the current form, even a retry.
+    upgraded: bool = field(default=False, compare=False)
 
     @property
     def is_plain(self) -> bool:
@@ -55,7 +71,7 @@ class Envelope:
 
 
 class Codec:
-    """Turns queue text into (body, envelope) and envelopes back into queue text."""
+    """Turns queue text into (envelope, body) and envelopes back into queue text."""
 
     def __init__(self, encoding: str) -> None:
         if encoding not in ("none", "base64"):
@@ -80,36 +96,76 @@ class Codec:
             return payload
         return base64.b64encode(payload.encode("utf-8")).decode("ascii")
 
-    def open(self, text: str) -> tuple[Envelope, str]:
+    def open(self, text: str, message_id: str) -> tuple[Envelope, str]:
         """(envelope, body) for a received message; raises UndecodableMessage."""
         payload = self.decode_text(text)
-        if payload.startswith(ENVELOPE_PREFIX):
-            envelope = _parse_envelope(payload)
-            if envelope is not None:
-                return envelope, self.decode_text(envelope.original)
-        return Envelope(original=text), payload
+        own = f"{ENVELOPE_MARKER} {message_id} "
+        if payload.startswith(own):
+            header, newline, body = payload[len(own):].partition("\n")
+            if not newline:
+                raise UndecodableMessage("damaged envelope: its header has no end")
+            releases, state = parse_header(header)
+            # In base64 mode the original is re-encoded from its payload: the same text for every
+            # canonical encoder (Azure Functions, the SDKs), which is what producers write.
+            return Envelope(self.encode_text(body), state, releases), body
+        if payload.startswith(LEGACY_ENVELOPE_PREFIX):
+            # Written by version 1, which trusted any text with this prefix. Only its `original` is used
+            # (a forged one is no worse than sending that text): its checkpoint and release count cannot be
+            # told from a producer's forgery, so they are dropped (see Consumer.open).
+            original = _legacy_original(payload)
+            if original is not None:
+                return Envelope(original, upgraded=True), self.decode_text(original)
+        return Envelope(text), payload
 
-    def seal(self, envelope: Envelope) -> str:
+    def seal(self, envelope: Envelope, message_id: str) -> str:
         """Queue text for an envelope; a plain one is the original text, byte for byte."""
         if envelope.is_plain:
             return envelope.original
-        payload = ENVELOPE_PREFIX + json.dumps(
-            {"original": envelope.original, "releases": envelope.releases, "state": envelope.state},
-            separators=(",", ":"),  # ASCII: no character the service may refuse
-        )[1:]
-        return self.encode_text(payload)
+        header = _HEADER_ENCODER.encode({"releases": envelope.releases, "state": envelope.state})
+        # ASCII header (no character the service may refuse); the payload was accepted once, so it is again.
+        return self.encode_text(f"{ENVELOPE_MARKER} {message_id} {header}\n{self.decode_text(envelope.original)}")
 
 
-def _parse_envelope(payload: str) -> Envelope | None:
+def parse_header(header: str) -> tuple[int, Any]:
+    """(releases, state) from an envelope header; raises UndecodableMessage naming what is wrong."""
+    try:
+        data = json.loads(header)
+    except (ValueError, RecursionError) as exc:
+        raise UndecodableMessage(f"damaged envelope header: {type(exc).__name__}") from None
+    if not isinstance(data, dict) or set(data) != {"releases", "state"}:
+        raise UndecodableMessage("damaged envelope header: expected exactly the keys releases and state")
+    releases = data["releases"]
+    if type(releases) is not int or not 0 <= releases <= MAX_RELEASES:
+        raise UndecodableMessage(f"damaged envelope header: releases must be an integer in [0, {MAX_RELEASES}]")
+    if json_depth(data["state"]) > MAX_STATE_DEPTH:
+        raise UndecodableMessage(f"damaged envelope header: state nests deeper than {MAX_STATE_DEPTH} levels")
+    return releases, data["state"]
+
+
+def _legacy_original(payload: str) -> str | None:
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # e.g. 3,000 nested brackets: producer text, not an envelope
         return None
-    original = data.get("original")
-    releases = data.get("releases", 0)
-    if not isinstance(original, str) or not isinstance(releases, int):
+    if not isinstance(data, dict) or not isinstance(data.get("original"), str):
         return None
-    return Envelope(original=original, state=data.get("state"), releases=releases)
+    original: str = data["original"]
+    return original
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in item)
+    return deepest
 
 
 def text_size(text: str) -> int:

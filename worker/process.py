@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.control import Channel, Kind
 from worker.handler import HandlerImportError
+from worker.lease_slots import LeaseSlots
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 from worker.telemetry import Telemetry
@@ -28,8 +29,9 @@ STATS_INTERVAL_S = 1.0
 
 class WorkerProcess:
     def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1, channel: Channel | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, lease_slots: LeaseSlots | None = None) -> None:
         self.settings = settings
+        self.lease_slots = lease_slots
         self.telemetry = telemetry
         self.threads = threads
         self.channel = channel
@@ -53,7 +55,7 @@ class WorkerProcess:
     def run(self) -> int:
         self.install_signals()
         try:
-            runtime = WorkerRuntime(self.settings, self.telemetry, self.threads)
+            runtime = WorkerRuntime(self.settings, self.telemetry, self.threads, self.lease_slots)
         except HandlerImportError as exc:
             log.error("%s", exc)
             self._send(Kind.FATAL, code=os.EX_CONFIG, error=str(exc))

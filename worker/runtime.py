@@ -10,6 +10,7 @@ from typing import Any
 from worker.consumer import Consumer, Shared, release_all, release_pending
 from worker.handler import load_workload
 from worker.lease import LeaseKeeper
+from worker.lease_slots import LeaseSlots
 from worker.message import Codec
 from worker.program import ProgramHandler
 from worker.settings import Settings
@@ -21,15 +22,18 @@ RECEIVE_GRACE_S = 2.0
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1,
+                 lease_slots: LeaseSlots | None = None) -> None:
         """Raises HandlerImportError when the handler cannot be imported."""
         handler = load_workload(settings.workload)
         self.settings = settings
-        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding))
+        self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding),
+                             lease_slots=lease_slots)
         self.threads_wanted = threads
         self.consumer_threads: list[threading.Thread] = []
         self._keeper_stop = threading.Event()
-        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop)
+        self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop,
+                                 settings.queue.request_timeout_s)
         self.stopped_receiving_at: float | None = None
         self.abandoned = False
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,48 +13,12 @@ from typing import Any
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import AZURE_FIXTURES, Azurite, child_env, free_port
 
-from supervisor.imds_simulator import ImdsSimulator
-
-SPOT = [sys.executable, "-m", "supervisor"]
-
-
-class Supervisor:
-    """A `spot-supervisor run` child with its stderr in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = log.open("wb")
-        self.proc = subprocess.Popen([*SPOT, "run"], env=env, stderr=self._fh, stdout=subprocess.DEVNULL)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.proc.poll() is not None and not predicate():
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; supervisor log:\n{self.text()[-3000:]}")
-
-    def wait_for_log(self, needle: str, timeout: float = 15.0) -> None:
-        self.wait_for(lambda: needle in self.text(), timeout, repr(needle))
-
-    def worker_pids(self) -> set[int]:
-        try:
-            return {c.pid for c in psutil.Process(self.proc.pid).children()}
-        except psutil.NoSuchProcess:
-            return set()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._fh.close()
+from supervisor.simulator.server import ImdsSimulator
+from testsupport.azurite import Azurite
+from testsupport.handlers import RECORD_ENV, read_json_lines, read_records, succeeded_ids
+from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, child_env
+from testsupport.net import free_port
 
 
 @pytest.fixture
@@ -69,9 +31,8 @@ def simulator() -> Iterator[ImdsSimulator]:
 
 
 @pytest.fixture
-def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
-    started: list[Supervisor] = []
-
+def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path,
+          supervisors: Callable[..., Supervisor]) -> Callable[..., Supervisor]:
     def start_supervisor(events: bool = True, extra_env: dict[str, str] | None = None, **spot: str) -> Supervisor:
         settings = {"queue_name": queue_name, "queue_visibility_timeout_s": "10", "queue_batch_size": "8",
                     "scaling_workers": "2", "shutdown_drain_timeout_s": "20"}
@@ -81,16 +42,11 @@ def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path:
         settings.update(spot)
         env = child_env(azurite, **settings)
         env["SPOT_SAMPLE_RESULTS"] = str(tmp_path / "results.jsonl")
+        env[RECORD_ENV] = str(tmp_path / "records.jsonl")
         env.update(extra_env or {})
-        sup = Supervisor(env, tmp_path / f"supervisor-{len(started)}.log")
-        started.append(sup)
-        return sup
+        return supervisors(env)
 
-    try:
-        yield start_supervisor
-    finally:
-        for sup in started:
-            sup.close()
+    return start_supervisor
 
 
 def enqueue(queue: QueueClient, count: int, chunks: int, chunk_ms: float) -> None:
@@ -99,8 +55,7 @@ def enqueue(queue: QueueClient, count: int, chunks: int, chunk_ms: float) -> Non
 
 
 def results(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_json_lines(tmp_path / "results.jsonl")
 
 
 def visible_count(queue: QueueClient) -> int:
@@ -146,7 +101,7 @@ def test_eviction_drains_releases_acknowledges_after_last_exit_and_resumes_elsew
     assert acks[0]["raw"] == json.dumps({"StartRequests": [{"EventId": notice["EventId"]}]})
     assert acks[0]["headers"].get("Metadata") == "true"
     assert alive_at_ack == [set()], "acknowledged while a worker was still alive"
-    log = sup.text()
+    log = sup.log()
     assert "every worker stopped receiving" in log and "acknowledged" in log
     assert done_at_notice < total, "the queue ran dry before the eviction: nothing was tested"
 
@@ -172,7 +127,7 @@ def test_imds_faults_never_drain_nor_crash_and_a_later_eviction_is_seen(
     enqueue(queue, 3, chunks=1, chunk_ms=1)
     sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done while IMDS misbehaves")
     assert sup.proc.poll() is None
-    assert "drain (" not in sup.text()
+    assert "drain (" not in sup.log()
 
     notice = simulator.simulate_eviction(delay_s=30)
     assert stop_when_holding(sup, notice["EventId"]) == 0
@@ -182,9 +137,9 @@ def test_imds_faults_never_drain_nor_crash_and_a_later_eviction_is_seen(
 def test_cancelled_event_resumes_processing(
         start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
     # Handlers that ignore ctx.draining keep the drain open long enough for the cancellation to arrive.
-    queue.send_message(json.dumps({"seconds": 3}))
-    sup = start(workload_handler="evict_handlers:stubborn")
-    sup.wait_for(lambda: (tmp_path / "stubborn.started").exists(), 20, "the handler to start")
+    queue.send_message(json.dumps({"sleep": 3, "ignore_drain": True}))
+    sup = start(workload_handler=RECORD_HANDLER)
+    sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     before = sup.worker_pids()
     notice = simulator.simulate_eviction(delay_s=30)
     sup.wait_for_log("drain (Preempt")
@@ -192,8 +147,8 @@ def test_cancelled_event_resumes_processing(
     sup.wait_for_log("was cancelled")
     # New workers take over while the old ones finish; the service keeps running.
     sup.wait_for(lambda: len(sup.worker_pids() - before) >= 2, 15, "replacement workers")
-    queue.send_message(json.dumps({"seconds": 0}))
-    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "both messages done")
+    queue.send_message(json.dumps({"sleep": 0}))
+    sup.wait_for(lambda: len(succeeded_ids(tmp_path / "records.jsonl")) == 2, 20, "both messages done")
     assert sup.proc.poll() is None
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
@@ -207,12 +162,12 @@ def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged
     simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-other-vm.json").read_text()))
     sup.wait_for_log("-> 3: 1 event(s)")
     time.sleep(1.0)  # four polls
-    assert sup.proc.poll() is None and "drain (" not in sup.text()
+    assert sup.proc.poll() is None and "drain (" not in sup.log()
 
     simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-shared.json").read_text()))
     sup.wait_for_log("holding until C0FFEE00")  # drained, but not approved for the neighbour: it may still be cancelled
-    assert "drain (Preempt C0FFEE00" in sup.text()
-    assert "other VMs are listed in it" in sup.text()
+    assert "drain (Preempt C0FFEE00" in sup.log()
+    assert "other VMs are listed in it" in sup.log()
     assert sup.worker_pids() == set() and sup.proc.poll() is None
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
@@ -241,7 +196,7 @@ def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Super
     sup = start(events_endpoint=nobody, events_vm_name="")
     enqueue(queue, 3, chunks=1, chunk_ms=1)
     sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done without IMDS")
-    warnings = [line for line in sup.text().splitlines() if " WARNING " in line]
+    warnings = [line for line in sup.log().splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "instance metadata unavailable" in warnings[0], warnings
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
@@ -249,9 +204,9 @@ def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Super
 
 def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
         start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    queue.send_message(json.dumps({"seconds": 2}))
-    sup = start(workload_handler="evict_handlers:stubborn")
-    sup.wait_for(lambda: (tmp_path / "stubborn.started").exists(), 20, "the handler to start")
+    queue.send_message(json.dumps({"sleep": 2, "ignore_drain": True}))
+    sup = start(workload_handler=RECORD_HANDLER)
+    sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     notice = simulator.simulate_eviction(delay_s=30)
     sup.wait_for_log("drain (Preempt")
     sup.proc.send_signal(signal.SIGTERM)  # systemctl stop meanwhile
@@ -259,7 +214,7 @@ def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
     simulator.cancel_event(notice["EventId"])
     sup.wait_for_log("a stop was requested: draining on")
     assert sup.proc.wait(20) == 0
-    assert "resuming processing" not in sup.text()
+    assert "resuming processing" not in sup.log()
     assert simulator.acks() == []
 
 

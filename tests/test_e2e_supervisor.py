@@ -11,116 +11,25 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
-from conftest import Azurite, child_env
-from waiting import wait_until
 
-_SCRIPT = Path(sys.executable).with_name("spot-supervisor")
-SUPERVISOR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor"]
-SLEEPY = "sup_handlers:sleepy"
-
+from testsupport.azurite import Azurite
+from testsupport.handlers import IMPORT_DELAY_ENV, IMPORTED_ENV, RECORD_ENV, read_json_lines, read_records, succeeded_ids
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, run_plan
+from testsupport.waiting import wait_until
 
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-class Supervisor:
-    """One `spot-supervisor` process; stderr (its own and its workers') goes to a file."""
-
-    def __init__(self, env: dict[str, str], workdir: Path, *args: str,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
-        self.log_path = workdir / f"supervisor-{time.monotonic_ns()}.log"
-        self._log = self.log_path.open("wb")
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            if name in os.environ and env.get(name) == os.environ[name]:
-                env.pop(name)  # pytest's own (run under systemd?), not one the test set
-        self.proc = subprocess.Popen([*SUPERVISOR, *(args or ("run",))], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
-                                     preexec_fn=preexec_fn)
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def workers(self) -> list[psutil.Process]:
-        """Live (not zombie) children of the supervisor."""
-        try:
-            children = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return []
-        live = []
-        for child in children:
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE:
-                    live.append(child)
-            except psutil.NoSuchProcess:
-                pass
-        return live
-
-    def worker_pids(self) -> set[int]:
-        return {p.pid for p in self.workers()}
-
-    def wait_for_workers(self, n: int, timeout: float = 10.0) -> set[int]:
-        def exactly_n() -> set[int] | None:
-            pids = self.worker_pids()
-            return pids if len(pids) == n else None
-        return wait_until(exactly_n, timeout, lambda: f"exactly {n} live worker(s); log:\n{self.log()[-3000:]}")
-
-    def send(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"supervisor still running after {timeout}s; log:\n{self.log()[-3000:]}") from None
-
-    def cleanup(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # the workers share the supervisor's process group
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
-    started: list[Supervisor] = []
-
-    def _start(env: dict[str, str], *args: str, preexec_fn: Callable[[], None] | None = None) -> Supervisor:
-        sup = Supervisor(env, tmp_path, *args, preexec_fn=preexec_fn)
-        started.append(sup)
-        return sup
-
-    try:
-        yield _start
-    finally:
-        for sup in started:
-            sup.cleanup()
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def done_ids(path: Path) -> set[str]:
-    return {e["id"] for e in read_events(path) if e["event"] == "done"}
+def done_events(path: Path) -> list[dict[str, Any]]:
+    return [e for e in read_records(path, "end") if e["outcome"] == "succeeded"]
 
 
 def enqueue(queue: QueueClient, bodies: list[str]) -> list[str]:
@@ -128,7 +37,8 @@ def enqueue(queue: QueueClient, bodies: list[str]) -> list[str]:
 
 
 def sleepy_bodies(n: int, seconds: float, cooperative: bool = False) -> list[str]:
-    return [json.dumps({"s": seconds, "cooperative": cooperative, "n": i}) for i in range(n)]
+    """Handlers that sleep `seconds`; cooperative ones raise Interrupted as soon as ctx.draining."""
+    return [json.dumps({"sleep": seconds, "ignore_drain": not cooperative, "n": i}) for i in range(n)]
 
 
 def message_count(queue: QueueClient) -> int:
@@ -146,8 +56,8 @@ def sleepy_env(azurite: Azurite, queue_name: str, events: Path, **spot: str) -> 
     defaults = {"queue_batch_size": "1", "queue_visibility_timeout_s": "3", "shutdown_drain_timeout_s": "5",
                 "shutdown_kill_grace_s": "1", "queue_idle_poll_max_s": "0.2",
                 "queue_prefetch_s": "0"}  # batch_size is what a worker takes, as the tests say
-    env = child_env(azurite, queue_name=queue_name, workload_handler=SLEEPY, **{**defaults, **spot})
-    env["SUP_EVENTS"] = str(events)
+    env = child_env(azurite, queue_name=queue_name, workload_handler=RECORD_HANDLER, **{**defaults, **spot})
+    env[RECORD_ENV] = str(events)
     return env
 
 
@@ -159,21 +69,21 @@ def spawned_pids(log: str) -> list[int]:
 
 
 def test_scale_out_processes_in_several_workers(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     results = tmp_path / "results.jsonl"
     ids = enqueue(queue, [json.dumps({"chunks": 1, "chunk_ms": 30, "n": i}) for i in range(40)])
     env = child_env(azurite, queue_name=queue_name, scaling_workers="4", queue_batch_size="2",
                     queue_idle_poll_max_s="0.2", shutdown_drain_timeout_s="5")
     env["SPOT_SAMPLE_RESULTS"] = str(results)
-    sup = start(env)
+    sup = supervisors(env)
     assert len(sup.wait_for_workers(4)) == 4
 
     def all_done() -> bool:
-        return results.exists() and {json.loads(line)["id"] for line in results.read_text().splitlines()} >= set(ids)
+        return {line["id"] for line in read_json_lines(results)} >= set(ids)
     wait_until(all_done, 30, "every message to be processed")
     wait_until(lambda: message_count(queue) == 0, 10, "the queue to be empty (every message deleted)")
 
-    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    lines = read_json_lines(results)
     pids = {line["pid"] for line in lines}
     assert len(pids) >= 2, f"all 40 messages ran in one process: {pids}"
     assert pids <= set(spawned_pids(sup.log())), "completions came from processes the supervisor did not spawn"
@@ -185,24 +95,24 @@ def test_scale_out_processes_in_several_workers(azurite: Azurite, queue: QueueCl
 
 
 def test_sigkill_of_a_worker_respawns_it_and_loses_nothing(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                          tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                          tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     ids = enqueue(queue, sleepy_bodies(4, 1.0))
-    sup = start(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_visibility_timeout_s="2"))
+    sup = supervisors(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_visibility_timeout_s="2"))
     first = sup.wait_for_workers(2)
 
-    started = wait_until(lambda: [e for e in read_events(events) if e["event"] == "start"], 10, "a handler to start")
+    started = wait_until(lambda: [e for e in read_records(events) if e["event"] == "start"], 10, "a handler to start")
     victim_pid, victim_msg = started[0]["pid"], started[0]["id"]
-    assert victim_msg not in done_ids(events)
+    assert victim_msg not in succeeded_ids(events)
     os.kill(victim_pid, signal.SIGKILL)
 
     replacement = wait_until(lambda: sup.worker_pids() - first, 5, "a new worker after the SIGKILL")
     assert victim_pid not in sup.worker_pids()
     assert len(sup.wait_for_workers(2)) == 2
-    wait_until(lambda: done_ids(events) >= set(ids), 20, "every message, the killed one included, to be done")
+    wait_until(lambda: succeeded_ids(events) >= set(ids), 20, "every message, the killed one included, to be done")
     wait_until(lambda: message_count(queue) == 0, 10, "the queue to be empty")
 
-    redone = [e for e in read_events(events) if e["event"] == "done" and e["id"] == victim_msg]
+    redone = [e for e in done_events(events) if e["id"] == victim_msg]
     assert redone and all(e["pid"] != victim_pid for e in redone)
     assert max(e["dequeue_count"] for e in redone) >= 2, "the killed message was not received a second time"
     log = sup.log()
@@ -216,25 +126,25 @@ def test_sigkill_of_a_worker_respawns_it_and_loses_nothing(azurite: Azurite, que
 
 
 def test_sigterm_drains_and_leaves_the_rest_on_the_queue(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                        tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                        tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     # Every other handler returns early (Interrupted) once ctx.draining; the rest run to the end.
-    bodies = [json.dumps({"s": 0.3, "cooperative": i % 2 == 0, "n": i}) for i in range(40)]
+    bodies = [json.dumps({"sleep": 0.3, "ignore_drain": i % 2 != 0, "n": i}) for i in range(40)]
     ids = enqueue(queue, bodies)
     # batch_size 8: each worker also holds received-but-unstarted messages when the drain starts.
-    sup = start(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_batch_size="8",
+    sup = supervisors(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_batch_size="8",
                            queue_visibility_timeout_s="30"))
     sup.wait_for_workers(2)
-    wait_until(lambda: len(done_ids(events)) >= 3, 15, "a few messages to be done")
+    wait_until(lambda: len(succeeded_ids(events)) >= 3, 15, "a few messages to be done")
 
     sent = time.monotonic()
     sup.send(signal.SIGTERM)
     assert sup.wait(5 + 1) == 0
     assert time.monotonic() - sent < 5, "SIGTERM drain took longer than drain_timeout_s"
 
-    late = [e for e in read_events(events) if e["event"] == "start" and e["draining"]]
+    late = [e for e in read_records(events) if e["event"] == "start" and e["draining"]]
     assert not late, f"{len(late)} message(s) started after the drain began instead of being released"
-    done = done_ids(events)
+    done = succeeded_ids(events)
     assert len(done) < len(ids), "the drain test needs work left over"
     assert message_count(queue) == len(ids) - len(done)
     # Released at once, not after the 30 s lease: every leftover message can be received right now.
@@ -243,12 +153,12 @@ def test_sigterm_drains_and_leaves_the_rest_on_the_queue(azurite: Azurite, queue
 
 
 def test_sigterm_with_a_stubborn_handler_exits_at_the_deadline(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     ids = enqueue(queue, sleepy_bodies(2, 60.0, cooperative=False))
-    sup = start(sleepy_env(azurite, queue_name, events, scaling_workers="1", shutdown_drain_timeout_s="2",
+    sup = supervisors(sleepy_env(azurite, queue_name, events, scaling_workers="1", shutdown_drain_timeout_s="2",
                            queue_visibility_timeout_s="30"))
-    wait_until(lambda: read_events(events), 10, "the handler to start")
+    wait_until(lambda: read_records(events), 10, "the handler to start")
     sent = time.monotonic()
     sup.send(signal.SIGTERM)
     assert sup.wait(2 + 1 + 2) == 0
@@ -261,12 +171,12 @@ def test_sigterm_with_a_stubborn_handler_exits_at_the_deadline(azurite: Azurite,
 
 
 def test_sigkill_of_the_supervisor_leaves_no_worker(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                   tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                   tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     ids = enqueue(queue, sleepy_bodies(6, 30.0))
-    sup = start(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_visibility_timeout_s="30"))
+    sup = supervisors(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_visibility_timeout_s="30"))
     workers = [psutil.Process(pid) for pid in sup.wait_for_workers(2)]
-    wait_until(lambda: len(read_events(events)) >= 2, 10, "both workers to be mid-message")
+    wait_until(lambda: len(read_records(events)) >= 2, 10, "both workers to be mid-message")
 
     sup.send(signal.SIGKILL)
 
@@ -298,39 +208,30 @@ def fake_cgroup(tmp_path: Path, cpu_max: str) -> dict[str, str]:
     return {"SPOT_CGROUP_ROOT": str(root), "SPOT_PROC_SELF_CGROUP": str(proc_self)}
 
 
-def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
-             preexec_fn: Callable[[], None] | None = None) -> dict[str, Any]:
-    sup = start(env, "plan", "--json", preexec_fn=preexec_fn)
-    assert sup.wait(20) == 0, sup.log()
-    assert sup.proc.stdout is not None
-    plan: dict[str, Any] = json.loads(sup.proc.stdout.read())
-    return plan
-
-
 def test_plan_follows_cgroup_quota_and_affinity(azurite: Azurite, tmp_path: Path,
-                                                start: Callable[..., Supervisor]) -> None:
+                                                supervisors: Callable[..., Supervisor]) -> None:
     cpus = len(os.sched_getaffinity(0))
     if cpus < 2:
         pytest.skip("needs at least 2 CPUs to tell a limit from the machine")
     base = child_env(azurite, scaling_memory_per_worker_mb="0", scaling_workers_per_core="1")
 
-    unlimited = run_plan(start, {**base, **fake_cgroup(tmp_path / "a", "max 100000")})
+    unlimited = run_plan(supervisors, {**base, **fake_cgroup(tmp_path / "a", "max 100000")})
     assert (unlimited["workers"], unlimited["usable_cpus"]) == (cpus, cpus)
 
-    quota = run_plan(start, {**base, **fake_cgroup(tmp_path / "b", "100000 100000")})
+    quota = run_plan(supervisors, {**base, **fake_cgroup(tmp_path / "b", "100000 100000")})
     assert (quota["mode"], quota["workers"], quota["threads"], quota["usable_cpus"]) == ("scale-out", 1, 1, 1)
     assert any("cgroup quota 1" in reason for reason in quota["reasons"]), quota["reasons"]
 
-    pinned = run_plan(start, {**base, **fake_cgroup(tmp_path / "c", "max 100000")},
+    pinned = run_plan(supervisors, {**base, **fake_cgroup(tmp_path / "c", "max 100000")},
                       preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     assert (pinned["workers"], pinned["usable_cpus"]) == (1, 1)
     assert any("affinity 1" in reason for reason in pinned["reasons"]), pinned["reasons"]
 
-    up = run_plan(start, {**base, **fake_cgroup(tmp_path / "d", "max 100000"),
+    up = run_plan(supervisors, {**base, **fake_cgroup(tmp_path / "d", "max 100000"),
                           "SPOT_WORKLOAD_MODE": "scale-up", "SPOT_SCALING_THREADS_PER_CORE": "3"})
     assert (up["mode"], up["workers"], up["threads"]) == ("scale-up", 1, 3 * cpus)
 
-    up_quota = run_plan(start, {**base, **fake_cgroup(tmp_path / "e", "100000 100000"),
+    up_quota = run_plan(supervisors, {**base, **fake_cgroup(tmp_path / "e", "100000 100000"),
                                 "SPOT_WORKLOAD_MODE": "scale-up", "SPOT_SCALING_THREADS_PER_CORE": "3"},
                         preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     assert (up_quota["workers"], up_quota["threads"]) == (1, 3)
@@ -341,18 +242,18 @@ def test_plan_follows_cgroup_quota_and_affinity(azurite: Azurite, tmp_path: Path
 
 
 def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                                tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                                tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     config = tmp_path / "spot.toml"
-    workload = f'[workload]\nhandler = "{SLEEPY}"\n'
+    workload = f'[workload]\nhandler = "{RECORD_HANDLER}"\n'
     config.write_text(f"[scaling]\nworkers = 2\n{workload}")
     ids = enqueue(queue, sleepy_bodies(24, 0.4))
     env = sleepy_env(azurite, queue_name, events)
     for key in ("SPOT_SCALING_WORKERS", "SPOT_WORKLOAD_HANDLER"):  # the file must decide
         env.pop(key, None)
-    sup = start(env, "run", "--config", str(config))
+    sup = supervisors(env, "run", "--config", str(config))
     old = sup.wait_for_workers(2)
-    wait_until(lambda: len(read_events(events)) >= 2, 10, "work to start")
+    wait_until(lambda: len(read_records(events)) >= 2, 10, "work to start")
 
     config.write_text(f"[scaling]\nworkers = 3\n{workload}")
     sup.send(signal.SIGHUP)
@@ -367,7 +268,7 @@ def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurit
     for pid in old:
         assert f"worker {pid} exited (exit code 0)" in sup.log(), f"old worker {pid} did not drain cleanly"
 
-    wait_until(lambda: done_ids(events) >= set(ids), 30, "every message to be done across the reload")
+    wait_until(lambda: succeeded_ids(events) >= set(ids), 30, "every message to be done across the reload")
     wait_until(lambda: message_count(queue) == 0, 10, "the queue to be empty")
 
     config.write_text(f"[scaling]\nworkers = \"three\"\n{workload}")
@@ -385,7 +286,7 @@ def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurit
     wait_until(lambda: "going back to the previous one" in sup.log(), 10, lambda: f"a rollback; log:\n{sup.log()[-3000:]}")
     assert sup.proc.poll() is None, "a handler typo on SIGHUP stopped the service"
     (late,) = enqueue(queue, sleepy_bodies(1, 0.1))
-    wait_until(lambda: late in done_ids(events), 15, "a message to be processed after the rollback")
+    wait_until(lambda: late in succeeded_ids(events), 15, "a message to be processed after the rollback")
     assert len(sup.wait_for_workers(3)) == 3, "the rollback did not restore the running worker count"
     # New workers start before the running ones retire: the workers of the good configuration never stopped.
     assert new <= sup.worker_pids(), "the running workers were replaced by a reload that failed"
@@ -397,20 +298,20 @@ def test_sighup_reloads_the_worker_count_and_survives_a_bad_file(azurite: Azurit
 
 
 def test_scale_up_runs_threads_in_one_process(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     cpus = len(os.sched_getaffinity(0))
     threads = 3 * cpus
     events = tmp_path / "events.jsonl"
     ids = enqueue(queue, sleepy_bodies(2 * threads, 0.5))
-    sup = start(sleepy_env(azurite, queue_name, events, workload_mode="scale-up", scaling_threads_per_core="3"))
+    sup = supervisors(sleepy_env(azurite, queue_name, events, workload_mode="scale-up", scaling_threads_per_core="3"))
     (pid,) = sup.wait_for_workers(1)
-    wait_until(lambda: done_ids(events) >= set(ids), 30, "every message to be done")
+    wait_until(lambda: succeeded_ids(events) >= set(ids), 30, "every message to be done")
     assert psutil.Process(pid).num_threads() >= threads
     assert sup.worker_pids() == {pid}, "scale-up started more than one worker"
 
-    done = [e for e in read_events(events) if e["event"] == "done"]
+    done = done_events(events)
     assert {e["pid"] for e in done} == {pid}
-    starts = {e["id"]: e["t"] for e in read_events(events) if e["event"] == "start"}
+    starts = {e["id"]: e["t"] for e in read_records(events) if e["event"] == "start"}
     spans = [(starts[e["id"]], e["t"]) for e in done]
     most_at_once = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
     assert most_at_once >= 2, "the handler never ran on two threads at once"
@@ -423,8 +324,8 @@ def test_scale_up_runs_threads_in_one_process(azurite: Azurite, queue: QueueClie
 
 
 def test_unimportable_handler_exits_78_without_a_respawn_storm(azurite: Azurite, queue_name: str, tmp_path: Path,
-                                                               start: Callable[..., Supervisor]) -> None:
-    sup = start(child_env(azurite, queue_name=queue_name, scaling_workers="2",
+                                                               supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(child_env(azurite, queue_name=queue_name, scaling_workers="2",
                           workload_handler="nonexistent.module:handle"))
     assert sup.wait(10) == 78
     log = sup.log()
@@ -437,8 +338,8 @@ def test_unimportable_handler_exits_78_without_a_respawn_storm(azurite: Azurite,
 
 
 def test_ttin_and_ttou_add_and_remove_one_worker(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                 tmp_path: Path, start: Callable[..., Supervisor]) -> None:
-    sup = start(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2"))
+                                                 tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2"))
     two = sup.wait_for_workers(2)
     sup.send(signal.SIGTTIN)
     three = sup.wait_for_workers(3)
@@ -461,7 +362,7 @@ def test_ttin_and_ttou_add_and_remove_one_worker(azurite: Azurite, queue: QueueC
 
 
 def test_systemd_notify_ready_status_watchdog_stopping(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                       tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                       tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
@@ -478,10 +379,10 @@ def test_systemd_notify_ready_status_watchdog_stopping(azurite: Azurite, queue: 
         imported = tmp_path / "imported"
         env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2")
         # The handler takes a second to import: READY must wait for the workers, not just their fork.
-        env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000", "SUP_IMPORT_DELAY_S": "1.0",
-                    "SUP_IMPORTED": str(imported)})
+        env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000", IMPORT_DELAY_ENV: "1.0",
+                    IMPORTED_ENV: str(imported)})
         env.pop("WATCHDOG_PID", None)
-        sup = start(env)
+        sup = supervisors(env)
 
         def ready() -> bool:
             return any("READY=1" in text.splitlines() for text in collect())
@@ -508,14 +409,14 @@ def test_systemd_notify_ready_status_watchdog_stopping(azurite: Azurite, queue: 
 
 
 def test_watchdog_pings_in_time_for_a_short_watchdog_interval(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
         sock.settimeout(0.1)
         env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1")
         env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})  # WatchdogSec=400ms
-        sup = start(env)
+        sup = supervisors(env)
         pings: list[float] = []
         until = time.monotonic() + 10
         while len(pings) < 12 and time.monotonic() < until:
@@ -535,20 +436,20 @@ def test_watchdog_pings_in_time_for_a_short_watchdog_interval(azurite: Azurite, 
 
 
 def test_sigquit_stops_fast_and_releases_held_messages(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                       tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                       tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.jsonl"
     ids = enqueue(queue, sleepy_bodies(10, 30.0))
-    sup = start(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_batch_size="3",
+    sup = supervisors(sleepy_env(azurite, queue_name, events, scaling_workers="2", queue_batch_size="3",
                            queue_visibility_timeout_s="30", shutdown_drain_timeout_s="20"))
     sup.wait_for_workers(2)
-    wait_until(lambda: len(read_events(events)) >= 2, 10, "both workers to be mid-message")
+    wait_until(lambda: len(read_records(events)) >= 2, 10, "both workers to be mid-message")
     wait_until(lambda: len(visible_ids_peek(queue)) <= len(ids) - 6, 5, "both workers to hold a full batch")
 
     sent = time.monotonic()
     sup.send(signal.SIGQUIT)
     assert sup.wait(3) == 0
     assert time.monotonic() - sent < 2.0, "SIGQUIT is a fast stop"
-    assert not done_ids(events)
+    assert not succeeded_ids(events)
     # Everything the workers held (running and unstarted) is visible at once, not after the 30 s lease.
     assert visible_ids(queue) == set(ids)
 
@@ -557,14 +458,14 @@ def visible_ids_peek(queue: QueueClient) -> list[str]:
     return [m.id for m in queue.peek_messages(max_messages=32)]
 
 
-# --- 11. limits and liveness (issue 16) ---------------------------------------------------------------------
+# --- 12. limits and liveness (issue 16) ---------------------------------------------------------------------
 
 
 def test_sighups_are_coalesced_so_one_generation_starts_at_a_time(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                                   tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                                   tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     env = sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2")
-    env["SUP_IMPORT_DELAY_S"] = "1.0"  # a slow handler import: each generation takes a second to be ready
-    sup = start(env)
+    env[IMPORT_DELAY_ENV] = "1.0"  # a slow handler import: each generation takes a second to be ready
+    sup = supervisors(env)
     wait_until(lambda: "ready:" in sup.log(), 15, "the first workers to be ready")
     most = 0
     for _ in range(20):  # 20 SIGHUPs in 5 s
@@ -585,8 +486,8 @@ def test_sighups_are_coalesced_so_one_generation_starts_at_a_time(azurite: Azuri
 
 
 def test_ttin_never_goes_past_max_workers(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                          tmp_path: Path, start: Callable[..., Supervisor]) -> None:
-    sup = start(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1", scaling_max_workers="3"))
+                                          tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1", scaling_max_workers="3"))
     sup.wait_for_workers(1)
     for _ in range(10):
         sup.send(signal.SIGTTIN)
@@ -600,8 +501,8 @@ def test_ttin_never_goes_past_max_workers(azurite: Azurite, queue: QueueClient, 
 
 
 def test_a_worker_that_stops_answering_is_killed_and_replaced(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
-    sup = start(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1",
+                                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
+    sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="1",
                            scaling_worker_timeout_s="2"))
     wait_until(lambda: "ready:" in sup.log(), 15, "the worker to be ready")
     [stuck] = sup.wait_for_workers(1)
@@ -613,3 +514,19 @@ def test_a_worker_that_stops_answering_is_killed_and_replaced(azurite: Azurite, 
     sup.send(signal.SIGTERM)
     assert sup.wait(20) == 0
     assert replacement != stuck
+
+
+# --- 13. the development tools stay out of the service ---------------------------------------------------
+
+
+def test_run_never_imports_the_imds_simulator(azurite: Azurite, queue_name: str,
+                                              supervisors: Callable[..., Supervisor]) -> None:
+    # PYTHONPROFILEIMPORTTIME: the supervisor and its forked workers log every module they import, when they do.
+    env = {**child_env(azurite, queue_name=queue_name, scaling_workers="1"), "PYTHONPROFILEIMPORTTIME": "1"}
+    sup = supervisors(env)
+    sup.wait_for_log("ready:")
+    sup.send(signal.SIGTERM)
+    assert sup.wait(20) == 0
+    imported = [line.rsplit("|", 1)[1].strip() for line in sup.log().splitlines() if line.startswith("import time:")]
+    assert "supervisor.service" in imported and "worker.consumer" in imported  # the log does show the run path
+    assert [name for name in imported if name.startswith("supervisor.simulator") or name == "http.server"] == []

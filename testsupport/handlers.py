@@ -1,7 +1,7 @@
-"""Handlers and helpers for the worker tests and the throughput benchmark.
+"""The one recording handler of the tests: `testsupport.handlers:record`.
 
-`record` is steered by the message body, when the body is a JSON object
-(any other body: record the attempt and succeed):
+Steered by the message body, when the body is a JSON object (any other body:
+record the attempt and succeed):
 
     checkpoint      value to checkpoint at the start of an attempt that has no state yet
     big_checkpoint  n: then try to checkpoint a string of n characters, recording CheckpointTooLarge
@@ -13,31 +13,45 @@
     interrupt_until raise Interrupted while dequeue_count <= this
     fail_until      raise RuntimeError while dequeue_count <= this
     fail            always raise RuntimeError
+    exit            raise SystemExit with this code
+    hold_gil_s      after `checkpoint`, hold the GIL this long in one C call (libc usleep through ctypes.PyDLL),
+                    as a catastrophic regex or a C extension would; only while dequeue_count <= hold_gil_until
+                    (default: every attempt)
+    burn_gil_s      after `checkpoint`, compute this long in one C call that never releases the GIL
 
-Every event of every attempt is one JSON line, appended with a single O_APPEND
-write to the file named by $TEST_HANDLER_RECORD (read once per attempt), so
-lines from many threads and processes never interleave.
+Every event of every attempt ("start" with `draining` and `state`, "checkpoint",
+"end" with `outcome` succeeded | interrupted | failed) is one JSON line,
+appended with a single O_APPEND write to the file named by $TEST_HANDLER_RECORD
+(read once per attempt), so lines from many threads and processes never
+interleave.
+
+Importing this module sleeps $TEST_HANDLER_IMPORT_DELAY_S seconds (a slow
+handler import, as a worker sees it before it reports ready), then appends the
+importing pid to the file $TEST_HANDLER_IMPORTED, if set.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from worker import CheckpointTooLarge, Context, Interrupted, Message
 
 RECORD_ENV = "TEST_HANDLER_RECORD"
+IMPORT_DELAY_ENV = "TEST_HANDLER_IMPORT_DELAY_S"
+IMPORTED_ENV = "TEST_HANDLER_IMPORTED"
 SLICE_S = 0.02
 
-
-def noop(message: Message, ctx: Context) -> None:
-    """For the benchmark: succeed at once."""
+time.sleep(float(os.environ.get(IMPORT_DELAY_ENV) or 0))
+if os.environ.get(IMPORTED_ENV):
+    with open(os.environ[IMPORTED_ENV], "a") as _imported:
+        _imported.write(f"{os.getpid()}\n")
 
 
 def record(message: Message, ctx: Context) -> None:
@@ -49,7 +63,7 @@ def record(message: Message, ctx: Context) -> None:
             append_line(path, {"event": event, "id": message.id, "dequeue_count": message.dequeue_count,
                                "pid": os.getpid(), "thread": threading.get_ident(), "t": time.time(), **fields})
 
-    emit("start", body=message.body, state=ctx.state,
+    emit("start", body=message.body, state=ctx.state, draining=ctx.draining,  # True: started although a drain had begun
          inserted_on=message.inserted_on.isoformat() if message.inserted_on else None,
          receipt=getattr(getattr(ctx, "_lease", None), "pop_receipt", None))  # lets a test play "another consumer"
     try:
@@ -67,6 +81,12 @@ def _run(spec: dict[str, Any], message: Message, ctx: Context, emit: Callable[..
     ignore_drain = bool(spec.get("ignore_drain"))
     if "checkpoint" in spec and ctx.state is None:
         emit("checkpoint", state=spec["checkpoint"], stored=ctx.checkpoint(spec["checkpoint"]))
+    if "hold_gil_s" in spec and message.dequeue_count <= int(spec.get("hold_gil_until", 1 << 30)):
+        ctypes.PyDLL(None).usleep(int(float(spec["hold_gil_s"]) * 1_000_000))  # PyDLL: the GIL stays held
+        emit("held_gil", seconds=float(spec["hold_gil_s"]))
+    if "burn_gil_s" in spec:
+        _burn_holding_the_gil(float(spec["burn_gil_s"]))
+        emit("burned_gil", seconds=float(spec["burn_gil_s"]))
     if "big_checkpoint" in spec:
         try:
             ctx.checkpoint({"big": "x" * int(spec["big_checkpoint"])})
@@ -111,12 +131,12 @@ def _pause(seconds: float, ctx: Context, ignore_drain: bool) -> None:
 def _spec(body: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any other body: record the attempt and succeed
         return {}
     return data if isinstance(data, dict) else {}
 
 
-# -- helpers for tests --------------------------------------------------------------------------
+# -- reading and writing the record ----------------------------------------------------------------
 
 
 def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
@@ -128,51 +148,33 @@ def append_line(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+def read_json_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file that processes are still appending to.
+
+    One O_APPEND write is never interleaved with another, but a reader can see
+    the first part of a line that straddles a page boundary before the rest:
+    a last line without its newline is not written yet.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # a partial last character: dropped below
     except FileNotFoundError:
         return []
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r for r in records if event is None or r["event"] == event]
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
-class RequestLog:
-    """Every HTTP request azure-core sends in this process (retries included), with its time.
+def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in read_json_lines(path) if event is None or r["event"] == event]
 
-    Wraps RequestsTransport.send, the transport every QueueClient here uses, so
-    what is counted is what went on the wire.
-    """
 
-    def __init__(self) -> None:
-        self.requests: list[tuple[float, str, str]] = []  # (monotonic time, method, url)
-        self._lock = threading.Lock()
+def succeeded_ids(path: str | os.PathLike[str]) -> set[str]:
+    """Ids of the messages whose handler returned (recorded just before the return, i.e. before the delete)."""
+    return {r["id"] for r in read_records(path, "end") if r["outcome"] == "succeeded"}
 
-    def count(self, method: str | None = None, contains: str = "") -> int:
-        return len(self.matching(method, contains))
 
-    def matching(self, method: str | None = None, contains: str = "") -> list[tuple[float, str, str]]:
-        with self._lock:
-            return [r for r in self.requests if (method is None or r[1] == method) and contains in r[2]]
-
-    def clear(self) -> None:
-        with self._lock:
-            self.requests.clear()
-
-    @contextmanager
-    def installed(self) -> Iterator[RequestLog]:
-        from azure.core.pipeline.transport import RequestsTransport
-
-        original = RequestsTransport.send
-        log = self
-
-        def send(transport: RequestsTransport, request: Any, **kwargs: Any) -> Any:
-            with log._lock:
-                log.requests.append((time.monotonic(), request.method, request.url))
-            return original(transport, request, **kwargs)
-
-        RequestsTransport.send = send  # type: ignore[method-assign]
-        try:
-            yield self
-        finally:
-            RequestsTransport.send = original  # type: ignore[method-assign]
+def _burn_holding_the_gil(seconds: float) -> None:
+    """Compute for about `seconds` in one C call (sum over a range never returns to the eval loop)."""
+    sample = 2_000_000
+    started = time.perf_counter()
+    sum(range(sample))
+    per_item = max(1e-10, (time.perf_counter() - started) / sample)
+    sum(range(int(seconds / per_item)))

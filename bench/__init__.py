@@ -1,0 +1,1 @@
+"""Benchmarks (make bench, docs/benchmarks.md). Run each from the repo root as `python -m bench.<name>`."""

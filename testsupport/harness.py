@@ -1,0 +1,131 @@
+"""`spot-supervisor` as a real child process, for end-to-end tests.
+
+Each Supervisor runs in its own session, so `cleanup()` can SIGKILL the whole
+process group: no worker outlives a test, whatever it asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from testsupport.azurite import REPO, Azurite
+from testsupport.waiting import wait_until
+
+AZURE_FIXTURES = REPO.parent / "shared" / "fixtures" / "azure"  # recorded IMDS documents
+_SCRIPT = Path(sys.executable).with_name("spot-supervisor")
+SUPERVISOR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor"]
+RECORD_HANDLER = "testsupport.handlers:record"
+
+
+def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
+    """Environment for a child process (worker or supervisor) aimed at the test Azurite.
+
+    `spot` items become SPOT_<KEY> variables (queue_name="x" -> SPOT_QUEUE_NAME=x).
+    events.source is "none" and cost.enabled false unless a test says otherwise: the real IMDS
+    address and the public Retail Prices API are never contacted from tests. The repo is on
+    PYTHONPATH, so workers can import testsupport.handlers.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_")}
+    env.update({"SPOT_QUEUE_CONNECTION_STRING": azurite.connection_string, "SPOT_EVENTS_SOURCE": "none",
+                "SPOT_COST_ENABLED": "false", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
+    return env
+
+
+def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
+             preexec_fn: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`spot-supervisor plan --json` through `start` (the `supervisors` fixture); its JSON."""
+    sup = start(env, "plan", "--json", preexec_fn=preexec_fn)
+    assert sup.wait(20) == 0, sup.log()
+    assert sup.proc.stdout is not None
+    plan: dict[str, Any] = json.loads(sup.proc.stdout.read())
+    return plan
+
+
+class Supervisor:
+    """One `spot-supervisor` process; stderr (its own and its workers') goes to a file, stdout to a pipe."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, *args: str,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        self.log_path = workdir / f"supervisor-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            if name in os.environ and env.get(name) == os.environ[name]:
+                env.pop(name)  # pytest's own (run under systemd?), not one the test set
+        self.proc = subprocess.Popen([*SUPERVISOR, *(args or ("run",))], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
+                                     preexec_fn=preexec_fn)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        """Poll until condition() is truthy; fails at once (with the log) if the supervisor exited first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.proc.poll() is not None and not condition():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; supervisor log:\n{self.log()[-3000:]}")
+
+    def wait_for_log(self, needle: str, timeout: float = 15.0) -> None:
+        self.wait_for(lambda: needle in self.log(), timeout, repr(needle))
+
+    def workers(self) -> list[psutil.Process]:
+        """Live (not zombie) children of the supervisor."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        live = []
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    live.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return live
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.workers()}
+
+    def wait_for_workers(self, n: int, timeout: float = 10.0) -> set[int]:
+        def exactly_n() -> set[int] | None:
+            pids = self.worker_pids()
+            return pids if len(pids) == n else None
+        return wait_until(exactly_n, timeout, lambda: f"exactly {n} live worker(s); log:\n{self.log()[-3000:]}")
+
+    def send(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"supervisor still running after {timeout}s; log:\n{self.log()[-3000:]}") from None
+
+    def cleanup(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # the workers share the supervisor's process group
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
