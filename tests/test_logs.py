@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
-
 from supervisor.build_info import describe_build, package_version
 from worker.logs import JournalFormatter, sd_priority
+
+REPO = Path(__file__).resolve().parent.parent
 
 EMIT = """
 import logging, sys
