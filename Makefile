@@ -1,4 +1,4 @@
-.PHONY: demo test bench package clean
+.PHONY: demo test bench package systemd-e2e clean
 
 demo:     ## the local end-to-end story (Azurite + IMDS simulator + eviction)
 	bash scripts/demo.sh
@@ -11,6 +11,9 @@ bench:    ## throughput vs the bare SDK loop and Celery, scaling, eviction timin
 
 package:  ## the VM Application package (dist/spot-supervisor-<version>.tar.gz)
 	bash packaging/build.sh --out dist
+
+systemd-e2e:  ## the packaged unit under a real systemd in a container (root; issue 15)
+	bash scripts/systemd-e2e.sh
 
 clean:
 	rm -rf dist build *.egg-info .pytest_cache

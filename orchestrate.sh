@@ -173,6 +173,8 @@ install_version() {
     --requirement "$pkg/requirements.txt"
   "$dest/bin/python" -c 'import supervisor, worker' || die "the new virtualenv cannot import the package"
   [[ -x "$dest/bin/$NAME" ]] || die "$dest/bin/$NAME was not installed"
+  # The supervisor names its version and commit in its start-up line from here.
+  install -m 0644 -- "$pkg/BUILD_INFO" "$dest/BUILD_INFO"
   touch -- "$dest/.spot-installed"
 }
 

@@ -6,7 +6,8 @@
 #
 # The version is pyproject.toml's. The archive is flat (what an Azure VM
 # Application unpacks in its download directory) and holds:
-#   BUILD_INFO               name, version, python X.Y, platform, commit
+#   BUILD_INFO               name, version, python X.Y, platform, commit, tree
+#                            (clean, or modified: built with uncommitted changes)
 #   orchestrate.sh           install / upgrade / uninstall (-i / -g / -u)
 #   spot-supervisor.service  the systemd unit
 #   config/default.toml      the default /etc/spot-supervisor/config.toml
@@ -169,12 +170,22 @@ install -m 0755 -- "$repo/orchestrate.sh" "$pkg/orchestrate.sh"
 install -m 0644 -- "$repo/packaging/spot-supervisor.service" "$pkg/spot-supervisor.service"
 install -m 0644 -- "$repo/config/default.toml" "$pkg/config/default.toml"
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# tree=modified: what goes into the package differs from the commit (changed or
+# untracked files), so the commit alone does not say what runs.
+if [[ "$commit" == unknown ]]; then
+  tree=unknown
+elif [[ -n "$(git -C "$repo" status --porcelain -- pyproject.toml supervisor worker config orchestrate.sh packaging 2>/dev/null)" ]]; then
+  tree=modified
+else
+  tree=clean
+fi
 cat >"$pkg/BUILD_INFO" <<EOF
 name=$name
 version=$version
 python=$build_python
 platform=$platform
 commit=$commit
+tree=$tree
 EOF
 
 mkdir -p -- "$out"

@@ -162,11 +162,18 @@ class Arbiter(WorkerPool):
             state = self.drain_state = DrainInProgress(reason, deadline, now, stop_requested=stop,
                                                        waiting_for=set(self.workers))
             log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.workers), deadline - now)
-            sdnotify.stopping(f"draining: {reason}")
+            # STOPPING=1 only for a stop: systemd takes it as "deactivating" and kills the service once
+            # TimeoutStopSec has passed, which would end a hold after an eviction or a resume (and count a failure).
+            if stop:
+                sdnotify.stopping(f"draining: {reason}")
+            else:
+                sdnotify.status(f"draining: {reason}")
             for handle in self.workers.values():
                 handle.retiring = True
                 handle.channel.send(Kind.DRAIN, deadline=deadline)
         else:
+            if stop and not state.stop_requested:
+                sdnotify.stopping(f"draining: {reason}")
             state.stop_requested |= stop
             if deadline < state.deadline:
                 log.info("drain: %s moves the deadline %.1fs earlier", reason, state.deadline - deadline)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from supervisor import poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from worker.handler import HandlerImportError, describe_workload
-from worker.logs import setup_logging
+from worker.logs import is_journal_stream, setup_logging
 from worker.settings import ConfigError
 
 log = logging.getLogger("supervisor")
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             return poison_cli.run(args, settings.queue)
         return enqueue_command(settings, args)
     except (ConfigError, HandlerImportError) as exc:
-        print(exc, file=sys.stderr)
+        # <3>: an error in the journal. One write, so the prefix and its line cannot arrive apart.
+        sys.stderr.write(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}\n")
+        sys.stderr.flush()
         return os.EX_CONFIG
     except KeyboardInterrupt:
         return 130

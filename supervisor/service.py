@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from supervisor import sdnotify
 from supervisor.arbiter import Arbiter
+from supervisor.build_info import describe_build
 from supervisor.config import SupervisorSettings, load_supervisor_settings
 from supervisor.cost import CostTracker
 from supervisor.event_watcher import EventWatcher
@@ -22,6 +24,8 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     """The service, with the settings `main` loaded (config_path is read again on SIGHUP)."""
     if settings.workload.command:
         resolve_command(settings.workload.command)  # a missing program: exit 78 now, not a retry storm per message
+    # After the checks that exit 78: a configuration error stays the only line.
+    log.info("%s starting (python %s, config %s)", describe_build(), sys.version.split()[0], config_path or "defaults")
     facts = read_vm_facts(settings)
     if facts.instance is not None:
         i = facts.instance

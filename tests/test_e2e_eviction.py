@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,3 +216,31 @@ def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
     assert sup.proc.wait(20) == 0
     assert "resuming processing" not in sup.log()
     assert simulator.acks() == []
+
+
+def test_an_eviction_drain_is_not_a_stop_for_systemd(start: Callable[..., Supervisor], simulator: ImdsSimulator,
+                                                    tmp_path: Path) -> None:
+    """STOPPING=1 puts the unit in "deactivating" and systemd kills it after TimeoutStopSec: a hold after the
+    acknowledgement (or a resume) would end in a SIGKILL and a restart. Only a stop says STOPPING=1."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(0.1)
+        received: list[str] = []
+
+        def collect() -> list[str]:
+            while True:
+                try:
+                    received.append(sock.recv(65536).decode())
+                except (TimeoutError, socket.timeout):
+                    return received
+
+        sup = start(extra_env={"NOTIFY_SOCKET": str(path)})
+        sup.wait_for(lambda: any("READY=1" in t.splitlines() for t in collect()), 20, "READY=1")
+        notice = simulator.simulate_eviction(delay_s=30)
+        sup.wait_for_log(f"holding until {notice['EventId']}", 20)
+        texts = collect()
+        assert not any("STOPPING=1" in t.splitlines() for t in texts), texts
+        assert any(f"STATUS=draining: Preempt {notice['EventId']}" in t for t in texts), texts
+        sup.proc.send_signal(signal.SIGTERM)  # (a stop's STOPPING=1: tests/test_supervisor.py)
+        assert sup.proc.wait(20) == 0

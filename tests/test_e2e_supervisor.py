@@ -343,7 +343,7 @@ def test_ttin_and_ttou_add_and_remove_one_worker(azurite: Azurite, queue: QueueC
     two = sup.wait_for_workers(2)
     sup.send(signal.SIGTTIN)
     three = sup.wait_for_workers(3)
-    assert two < three
+    assert two < three, sup.log()[-4000:]
     sup.send(signal.SIGTTOU)
     assert sup.wait_for_workers(2) < three
     sup.send(signal.SIGTTOU)

@@ -156,6 +156,11 @@ def test_package_is_versioned_from_pyproject_and_self_contained(archive_v1: Path
     assert requirements == f"spot-supervisor=={VERSION}\n"
     assert mode & 0o111
     assert info["version"] == VERSION and info["python"] == "%d.%d" % sys.version_info[:2]
+    # What runs is the commit only if nothing that goes into the package was changed since.
+    packaged = ["pyproject.toml", "supervisor", "worker", "config", "orchestrate.sh", "packaging"]
+    changed = run("git", "-C", REPO, "status", "--porcelain", "--", *packaged).stdout.strip()
+    assert info["commit"] == run("git", "-C", REPO, "rev-parse", "--short", "HEAD").stdout.strip()
+    assert info["tree"] == ("modified" if changed else "clean")
     assert unit == UNIT.read_bytes() and config == (REPO / "config" / "default.toml").read_bytes()
     wheels = {n.removeprefix("wheelhouse/").split("-")[0].lower() for n in names if n.endswith(".whl")}
     assert "spot_supervisor" in wheels and "pip" in wheels
@@ -176,6 +181,7 @@ def test_install_from_the_wheelhouse_offline_then_plan_runs(package_v1: Path, tm
     opt = root / "opt" / "spot-supervisor"
     assert os.readlink(opt / "current") == VERSION
     assert (opt / VERSION / "pyvenv.cfg").is_file()
+    assert (opt / VERSION / "BUILD_INFO").read_bytes() == (package_v1 / "BUILD_INFO").read_bytes()  # the start-up line's source
     etc = root / "etc" / "spot-supervisor"
     assert (etc / "config.toml").read_bytes() == (REPO / "config" / "default.toml").read_bytes()
     assert (etc / "config.toml").stat().st_mode & 0o777 == 0o640
@@ -221,7 +227,10 @@ def test_installed_supervisor_processes_a_queue_on_azurite(package_v1: Path, tmp
         if proc.poll() is None:
             proc.kill()
     done = {json.loads(line)["id"] for line in results.read_text().splitlines()}
-    assert len(done) == 20, proc.stderr.read() if proc.stderr else ""
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert len(done) == 20, stderr
+    commit = dict(line.split("=", 1) for line in (package_v1 / "BUILD_INFO").read_text().splitlines())["commit"]
+    assert f"spot-supervisor {VERSION} (commit {commit}" in stderr.splitlines()[0]  # the start-up line
     assert queue.get_queue_properties().approximate_message_count == 0
 
 
@@ -289,7 +298,8 @@ def test_orchestrate_refuses_bad_usage_and_a_package_for_another_python(package_
     assert not (tmp_path / "r2" / "opt").exists()
 
 
-@pytest.mark.parametrize("script", [ORCHESTRATE, BUILD, REPO / "scripts" / "ci-deps.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [ORCHESTRATE, BUILD, REPO / "scripts" / "ci-deps.sh", REPO / "scripts" / "systemd-e2e.sh"],
+                         ids=lambda p: p.name)
 def test_scripts_are_shellcheck_clean(script: Path) -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (scripts/ci-deps.sh installs it)")
