@@ -340,10 +340,15 @@ def test_unimportable_handler_exits_78_without_a_respawn_storm(azurite: Azurite,
 def test_ttin_and_ttou_add_and_remove_one_worker(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                  tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     sup = supervisors(sleepy_env(azurite, queue_name, tmp_path / "events.jsonl", scaling_workers="2"))
-    two = sup.wait_for_workers(2)
+    # Workers by the supervisor's own word: a bare count of its children can catch a short-lived
+    # process of another kind between two spawns.
+    two = set(wait_until(lambda: spawned_pids(sup.log()) if len(spawned_pids(sup.log())) == 2 else None, 10,
+                         what="two workers"))
+    sup.wait_for_workers(2)
     sup.send(signal.SIGTTIN)
-    three = sup.wait_for_workers(3)
-    assert two < three, sup.log()[-4000:]
+    three = set(wait_until(lambda: spawned_pids(sup.log()) if len(spawned_pids(sup.log())) == 3 else None, 10,
+                           what="a third worker"))
+    assert two < three and three <= sup.wait_for_workers(3), sup.log()[-4000:]
     sup.send(signal.SIGTTOU)
     assert sup.wait_for_workers(2) < three
     sup.send(signal.SIGTTOU)
