@@ -6,6 +6,7 @@ Helpers live in testsupport/ (importable thanks to pytest's `pythonpath = ["."]`
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,11 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite, running_azurite
+from testsupport.handlers import RECORD_ENV
 from testsupport.harness import Supervisor
+from worker.runtime import WorkerRuntime
+from worker.settings import Settings, TelemetrySettings
+from worker.telemetry import Telemetry, setup_telemetry
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,39 @@ def supervisors(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     finally:
         for sup in started:
             sup.cleanup()
+
+
+@pytest.fixture(scope="session")
+def telemetry() -> Telemetry:
+    """In-process workers' telemetry: no exporter, one per test run."""
+    return setup_telemetry(TelemetrySettings(), "worker")
+
+
+@pytest.fixture
+def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where testsupport.handlers:record appends its events for in-process workers."""
+    path = tmp_path / "attempts.jsonl"
+    monkeypatch.setenv(RECORD_ENV, str(path))
+    return path
+
+
+@pytest.fixture
+def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
+    """start(settings, threads=1) -> a started in-process WorkerRuntime; each is drained (abandoned after 5 s) and closed."""
+    started: list[WorkerRuntime] = []
+
+    def start(settings: Settings, threads: int = 1) -> WorkerRuntime:
+        runtime = WorkerRuntime(settings, telemetry, threads)
+        runtime.start()
+        started.append(runtime)
+        return runtime
+
+    yield start
+    for runtime in started:
+        runtime.stop_receiving(time.time() + 5)
+        deadline = time.monotonic() + 5
+        while not runtime.idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not runtime.idle():
+            runtime.abandon()
+        runtime.close()

@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_worker are redefined as parameters)
+# ruff: noqa: F811  (helpers imported from test_worker share names with parameters)
 """The envelope against hostile, damaged, large and old messages (issue 16, defects 2, 5 and 10), on a real Azurite.
 
 Producer text never sets the bookkeeping; a message that cannot be opened is
@@ -21,14 +21,11 @@ from test_worker import (  # noqa: F401  (fixtures)
     peek_opened,
     peek_texts,
     poisoned_originals,
-    record_path,
-    runtimes,
-    settings_for,
-    telemetry,
 )
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import read_records
+from testsupport.harness import worker_settings
 from testsupport.waiting import wait_until
 from worker.message import (
     ENVELOPE_MARKER,
@@ -67,7 +64,7 @@ def test_producer_text_cannot_forge_releases_or_a_checkpoint(azurite: Azurite, q
     v1 = queue.send_message(forged_v1)
     v2 = queue.send_message(forged_v2)
     poison = azurite.queue(f"{queue_name}-poison")
-    runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
+    runtimes(worker_settings(azurite, queue_name, max_dequeue_count=2))
 
     wait_until(lambda: len(peek_texts(poison)) == 1, 15, what="the forged version-1 message to be poisoned")
     wait_until(lambda: succeeded(record_path), 10, what="the forged current-form message to be handled")
@@ -95,7 +92,7 @@ def test_a_message_that_cannot_be_opened_is_poisoned_alone(azurite: Azurite, que
     queue.send_message(deep)
     healthy = [queue.send_message(json.dumps({"n": i})).id for i in range(5)]
     poison = azurite.queue(f"{queue_name}-poison")
-    runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, prefetch_s=0))
+    runtime = runtimes(worker_settings(azurite, queue_name, batch_size=32, prefetch_s=0))
 
     wait_until(lambda: len(succeeded(record_path)) == 6, 15, what="the healthy messages and the deep one to run")
     wait_until(lambda: poisoned_originals(poison) == [bad_header], 5, what="the damaged envelope in poison")
@@ -118,7 +115,7 @@ def test_version_1_envelopes_are_unwrapped_on_upgrade(azurite: Azurite, queue: Q
         [m] = queue.receive_messages(max_messages=1, visibility_timeout=1)
         queue.update_message(m.id, m.pop_receipt, visibility_timeout=0)
     poison = azurite.queue(f"{queue_name}-poison")
-    runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
+    runtimes(worker_settings(azurite, queue_name, max_dequeue_count=2))
 
     wait_until(lambda: poisoned_originals(poison) == [body], 15, what="the unwrapped original in poison")
     starts = [s for s in read_records(record_path, "start") if s["id"] == sent.id]
@@ -138,7 +135,7 @@ def test_releases_of_large_and_non_ascii_messages_are_recorded(azurite: Azurite,
     # twice: the release went unrecorded and counted as a failure, so max_dequeue_count 1 poisoned it.
     body = json.dumps({"checkpoint": {"k": "é"}, "interrupt_until": 2, "pad": pad}, ensure_ascii=False)
     (b64_client(azurite, queue_name) if encoding == "base64" else queue).send_message(body)
-    runtimes(settings_for(azurite, queue_name, max_dequeue_count=1, message_encoding=encoding))
+    runtimes(worker_settings(azurite, queue_name, max_dequeue_count=1, message_encoding=encoding))
 
     wait_until(lambda: succeeded(record_path), 25, what="the third attempt to succeed")
     starts = read_records(record_path, "start")
@@ -153,7 +150,7 @@ def test_a_message_with_no_room_for_the_header_is_released_as_a_fresh_copy(
     spec = json.dumps({"interrupt_until": 1, "pad": ""})
     body = spec[:-2] + "y" * (MAX_MESSAGE_BYTES - 20 - len(spec)) + spec[-2:]  # a few bytes under the limit
     first = queue.send_message(body)
-    runtimes(settings_for(azurite, queue_name, max_dequeue_count=1))
+    runtimes(worker_settings(azurite, queue_name, max_dequeue_count=1))
 
     starts = wait_until(lambda: len(read_records(record_path, "start")) >= 2 and read_records(record_path, "start"), 15,
                         what="the copy to be received")
@@ -171,7 +168,7 @@ def test_interrupted_outside_a_drain_is_given_back_after_a_growing_delay(
         azurite: Azurite, queue: QueueClient, queue_name: str, record_path: Path,
         runtimes: Callable[..., WorkerRuntime]) -> None:
     queue.send_message(json.dumps({"interrupt_until": 3}))
-    runtime = runtimes(settings_for(azurite, queue_name))
+    runtime = runtimes(worker_settings(azurite, queue_name))
 
     wait_until(lambda: succeeded(record_path), 25, what="the fourth attempt to succeed")
     starts = [s["t"] for s in read_records(record_path, "start")]

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import ServiceResponseError
 from azure.storage.queue import QueueClient
-from test_worker import record_path, runtimes, settings_for, telemetry  # noqa: F401  (fixtures)
 
 from testsupport.azurite import Azurite, connection_string
 from testsupport.handlers import RECORD_ENV, read_records
-from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, worker_settings
 from testsupport.proxy import FaultProxy
 from testsupport.waiting import wait_until
 from worker import context as context_module
@@ -71,7 +70,7 @@ def test_a_stalled_renewal_does_not_hold_up_the_others(azurite: Azurite, queue: 
     go = tmp_path / "go"
     for i in range(4):
         queue.send_message(json.dumps({"wait_file": str(go), "timeout": 60, "ignore_drain": True, "n": i}))
-    settings = settings_for(azurite, queue_name, batch_size=1, prefetch_s=0, visibility_timeout_s=6)
+    settings = worker_settings(azurite, queue_name, batch_size=1, prefetch_s=0, visibility_timeout_s=6)
     settings = replace(settings, queue=replace(settings.queue, connection_string=connection_string(proxy.port)))
     runtime = runtimes(settings, threads=4)
     wait_until(lambda: len(read_records(record_path, "start")) == 4, 15, what="four handlers to hold a message each")
@@ -101,7 +100,7 @@ def test_a_checkpoint_during_a_queue_outage_is_retried_not_raised(azurite: Azuri
                                                                    runtimes: Callable[..., WorkerRuntime]) -> None:
     go = tmp_path / "go"
     queue.send_message(json.dumps({"wait_file": str(go), "after_wait_checkpoint": {"k": 1}}))
-    settings = settings_for(azurite, queue_name, visibility_timeout_s=60)
+    settings = worker_settings(azurite, queue_name, visibility_timeout_s=60)
     settings = replace(settings, queue=replace(settings.queue, connection_string=connection_string(proxy.port)))
     runtime = runtimes(settings)
     wait_until(lambda: read_records(record_path, "start"), 15, what="the handler to start")

@@ -15,28 +15,15 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
-from testsupport.handlers import RECORD_ENV, read_records
-from testsupport.harness import RECORD_HANDLER
+from testsupport.handlers import read_records
+from testsupport.harness import worker_settings
 from testsupport.proxy import FaultProxy
 from testsupport.waiting import wait_until
 from worker.consumer import Consumer
 from worker.lease import LeaseState
 from worker.runtime import WorkerRuntime
-from worker.settings import QueueSettings, Settings, TelemetrySettings, WorkloadSettings, validate
+from worker.settings import QueueSettings, Settings
 from worker.settle import Settler
-from worker.telemetry import Telemetry, setup_telemetry
-
-
-@pytest.fixture(scope="module")
-def telemetry() -> Telemetry:
-    return setup_telemetry(TelemetrySettings(), "worker")
-
-
-@pytest.fixture
-def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "attempts.jsonl"
-    monkeypatch.setenv(RECORD_ENV, str(path))
-    return path
 
 
 @pytest.fixture
@@ -47,27 +34,7 @@ def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
 
 def settings_via(proxy: FaultProxy, name: str, **queue: Any) -> Settings:
     """Workers talk to Azurite through the proxy; the test's own client talks to it directly."""
-    values: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2, **queue}
-    settings = Settings(queue=QueueSettings(connection_string=Azurite(proxy.port).connection_string, name=name, **values),
-                        workload=WorkloadSettings(handler=RECORD_HANDLER))
-    validate(settings)
-    return settings
-
-
-@pytest.fixture
-def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
-    started: list[WorkerRuntime] = []
-
-    def start(settings: Settings, threads: int = 1) -> WorkerRuntime:
-        runtime = WorkerRuntime(settings, telemetry, threads)
-        runtime.start()
-        started.append(runtime)
-        return runtime
-
-    yield start
-    for runtime in started:
-        runtime.abandon()
-        runtime.close()
+    return worker_settings(Azurite(proxy.port), name, **queue)
 
 
 def message_count(client: QueueClient) -> int:

@@ -30,7 +30,7 @@ from azure.storage.queue import (
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import RECORD_ENV, read_records
-from testsupport.harness import RECORD_HANDLER, REPO, child_env
+from testsupport.harness import RECORD_HANDLER, REPO, child_env, worker_settings
 from testsupport.requestlog import RequestLog
 from testsupport.waiting import wait_until
 from worker.consumer import Consumer, Shared, release_pending
@@ -41,12 +41,8 @@ from worker.queue_client import make_queue_client
 from worker.runtime import WorkerRuntime
 from worker.settings import (
     QueueSettings,
-    Settings,
-    TelemetrySettings,
-    WorkloadSettings,
-    validate,
 )
-from worker.telemetry import Telemetry, setup_telemetry
+from worker.telemetry import Telemetry
 
 HANDLER = RECORD_HANDLER
 
@@ -54,48 +50,6 @@ HANDLER = RECORD_HANDLER
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def telemetry() -> Telemetry:
-    return setup_telemetry(TelemetrySettings(), "worker")  # no connection string: no-op, nothing leaves
-
-
-@pytest.fixture
-def record_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "attempts.jsonl"
-    monkeypatch.setenv(RECORD_ENV, str(path))
-    return path
-
-
-def settings_for(azurite: Azurite, name: str, **queue: Any) -> Settings:
-    """A worker's test settings (a worker never contacts IMDS: that is the supervisor's)."""
-    defaults: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2}
-    settings = Settings(
-        queue=QueueSettings(connection_string=azurite.connection_string, name=name, **{**defaults, **queue}),
-        workload=WorkloadSettings(handler=HANDLER),
-    )
-    validate(settings)
-    return settings
-
-
-@pytest.fixture
-def runtimes(telemetry: Telemetry) -> Iterator[Callable[..., WorkerRuntime]]:
-    started: list[WorkerRuntime] = []
-
-    def start(settings: Settings, threads: int = 1) -> WorkerRuntime:
-        runtime = WorkerRuntime(settings, telemetry, threads)
-        runtime.start()
-        started.append(runtime)
-        return runtime
-
-    yield start
-    for runtime in started:
-        runtime.stop_receiving(time.time() + 5)
-        deadline = time.monotonic() + 5
-        while not runtime.idle() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not runtime.idle():
-            runtime.abandon()
-        runtime.close()
 
 
 def poisoned_originals(client: QueueClient) -> list[str]:
@@ -171,7 +125,7 @@ def worker_process(azurite: Azurite, config: Path, record: Path, log: Path) -> I
 def test_success_deletes_the_message(azurite: Azurite, queue: QueueClient, queue_name: str, record_path: Path,
                                      runtimes: Callable[..., WorkerRuntime]) -> None:
     sent = queue.send_message("hello wörld ✓")
-    runtime = runtimes(settings_for(azurite, queue_name))
+    runtime = runtimes(worker_settings(azurite, queue_name))
 
     ends = wait_until(lambda: read_records(record_path, "end"), 10, what="the handler to finish")
     wait_until(lambda: runtime.stats()["succeeded"] == 1, 5, what="the delete")
@@ -194,7 +148,7 @@ def test_failures_retry_with_growing_delay_then_poison_the_original(
     plain = queue.send_message(plain_body)
     checkpointed = queue.send_message(checkpointed_body)
     poison = azurite.queue(f"{queue_name}-poison")
-    runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=3, retry_delay_s=1.0))
+    runtime = runtimes(worker_settings(azurite, queue_name, max_dequeue_count=3, retry_delay_s=1.0))
 
     wait_until(lambda: len(peek_texts(poison)) == 2, 15, what="both messages in the poison queue")
     assert sorted(poisoned_originals(poison)) == sorted([plain_body, checkpointed_body])  # the originals, no envelope
@@ -224,7 +178,7 @@ def test_lease_is_renewed_while_a_long_handler_runs(azurite: Azurite, queue: Que
     waiting = queue.send_message("received in the same batch, waits 6 s to start")
     # Two consumer threads: the idle one would receive a message again if its lease ever ran out,
     # the running one's or that of the one waiting its turn in the batch.
-    runtime = runtimes(settings_for(azurite, queue_name, visibility_timeout_s=2, prefetch_s=0), threads=2)
+    runtime = runtimes(worker_settings(azurite, queue_name, visibility_timeout_s=2, prefetch_s=0), threads=2)
 
     wait_until(lambda: runtime.stats()["succeeded"] == 2, 12, what="both messages to succeed")
     starts = by_id(read_records(record_path, "start"))
@@ -277,7 +231,7 @@ def test_drain_releases_unstarted_messages_at_once(azurite: Azurite, queue: Queu
     bodies = [json.dumps({"wait_file": str(go), "ignore_drain": True, "n": i}) for i in range(10)]
     for body in bodies:
         queue.send_message(body)
-    runtime = runtimes(settings_for(azurite, queue_name, batch_size=32, prefetch_s=0, visibility_timeout_s=30))
+    runtime = runtimes(worker_settings(azurite, queue_name, batch_size=32, prefetch_s=0, visibility_timeout_s=30))
     [running] = wait_until(lambda: read_records(record_path, "start"), 10, what="the first handler to start")
     wait_until(lambda: runtime.stats()["held"] == 10, 5, what="the whole batch to be held")
 
@@ -303,7 +257,7 @@ def test_releases_and_interruptions_never_poison(azurite: Azurite, queue: QueueC
     # Outside a drain an interruption is given back after 1 s, then 2 s (see test_interrupted_outside_a_drain...).
     body = json.dumps({"checkpoint": {"kept": True}, "interrupt_until": 2, "fail_until": 3})
     queue.send_message(body)
-    runtimes(settings_for(azurite, queue_name, max_dequeue_count=2))
+    runtimes(worker_settings(azurite, queue_name, max_dequeue_count=2))
 
     wait_until(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 25,
              what="the fourth attempt to succeed")
@@ -335,7 +289,7 @@ def test_base64_messages_checkpoints_and_undecodable_poison(azurite: Azurite, qu
     assert raw[2:] == ["not base64 at all!", base64.b64encode(b"\xff\xfe not utf-8").decode("ascii")]
     poison = azurite.queue(f"{queue_name}-poison")
 
-    runtime = runtimes(settings_for(azurite, queue_name, message_encoding="base64", max_dequeue_count=1))
+    runtime = runtimes(worker_settings(azurite, queue_name, message_encoding="base64", max_dequeue_count=1))
     wait_until(lambda: len(peek_texts(poison)) == 3, 10, what="two undecodable and one failed message in poison")
     wait_until(lambda: message_count(queue) == 0, 5, what="the delete")
 
@@ -357,7 +311,7 @@ def test_checkpoint_over_64k_raises_and_changes_nothing(azurite: Azurite, queue:
     # 50 000 characters fit in 64 KiB as text, but not once base64-encoded.
     body = json.dumps({"checkpoint": {"n": 1}, "big_checkpoint": size, "interrupt_until": 1})
     (b64_client(azurite, queue_name) if encoding == "base64" else queue).send_message(body)
-    runtimes(settings_for(azurite, queue_name, message_encoding=encoding))
+    runtimes(worker_settings(azurite, queue_name, message_encoding=encoding))
 
     wait_until(lambda: [e for e in read_records(record_path, "end") if e["outcome"] == "succeeded"], 10,
              what="the second attempt")
@@ -377,7 +331,7 @@ def test_lost_lease_is_logged_and_the_worker_goes_on(azurite: Azurite, queue: Qu
                                                      runtimes: Callable[..., WorkerRuntime],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="worker")
-    runtime = runtimes(settings_for(azurite, queue_name, batch_size=1))
+    runtime = runtimes(worker_settings(azurite, queue_name, batch_size=1))
 
     # 1. Another client deletes the message (here: clears the queue) while the handler runs: the delete finds nothing.
     deleted_go = tmp_path / "deleted-go"
@@ -416,7 +370,7 @@ def test_empty_queue_polls_back_off_and_drain_wakes_an_idle_worker(azurite: Azur
                                                                    queue_name: str, record_path: Path,
                                                                    runtimes: Callable[..., WorkerRuntime]) -> None:
     with RequestLog().installed() as requests:
-        runtime = runtimes(settings_for(azurite, queue_name, idle_poll_max_s=2.0))
+        runtime = runtimes(worker_settings(azurite, queue_name, idle_poll_max_s=2.0))
         time.sleep(3.0)  # the measurement window
         polls = [t for t, _, url in requests.matching("GET", f"/{queue_name}/messages")]
     # Without backoff (50 ms) that would be ~60 polls; with it, 0.05 s doubling up to 2 s (jittered): 5 to 10.
@@ -482,7 +436,7 @@ def test_prefetch_leaves_slow_work_to_other_vms(azurite: Azurite, queue: QueueCl
     """Two workers (think: two VMs) on one queue of slow messages: neither sits on a whole batch."""
     for _ in range(8):
         queue.send_message(json.dumps({"sleep": 0.4}))
-    settings = settings_for(azurite, queue_name, prefetch_s=0.5)
+    settings = worker_settings(azurite, queue_name, prefetch_s=0.5)
     first = runtimes(settings)
     wait_until(lambda: first.stats()["succeeded"] >= 1, 10, what="the first worker to learn the handler's duration")
     second = runtimes(settings)
@@ -508,7 +462,7 @@ def test_receive_count_follows_the_handler_duration() -> None:
 def test_a_handler_calling_sys_exit_fails_the_message_not_the_consumer(
         azurite: Azurite, queue: QueueClient, queue_name: str, runtimes: Callable[..., WorkerRuntime]) -> None:
     queue.send_message(json.dumps({"exit": 3}))
-    runtime = runtimes(settings_for(azurite, queue_name, max_dequeue_count=1))
+    runtime = runtimes(worker_settings(azurite, queue_name, max_dequeue_count=1))
     poison = azurite.queue(f"{queue_name}-poison")
     wait_until(lambda: runtime.stats()["poisoned"] == 1, 10, what="the message to be poisoned")
     assert poisoned_originals(poison) == [json.dumps({"exit": 3})]
@@ -521,7 +475,7 @@ def test_a_release_that_fails_drops_the_lease_so_a_drain_is_not_held_up(
         azurite: Azurite, queue: QueueClient, queue_name: str, telemetry: Telemetry) -> None:
     queue.send_message("held")
     [received] = list(queue.receive_messages(max_messages=1, visibility_timeout=30))
-    settings = settings_for(azurite, queue_name).queue
+    settings = worker_settings(azurite, queue_name).queue
     shared = Shared(settings, lambda m, c: None, telemetry, Codec("none"))
     stale = Lease(make_queue_client(settings), shared.codec, received.id, "not-the-pop-receipt", Envelope("held"), 30)
     shared.leases.add(stale)

@@ -20,6 +20,7 @@ import psutil
 
 from testsupport.azurite import REPO, Azurite
 from testsupport.waiting import wait_until
+from worker.settings import QueueSettings, Settings, WorkloadSettings, validate
 
 AZURE_FIXTURES = REPO.parent / "shared" / "fixtures" / "azure"  # recorded IMDS documents
 _SCRIPT = Path(sys.executable).with_name("spot-supervisor")
@@ -129,3 +130,12 @@ class Supervisor:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._log.close()
+
+
+def worker_settings(azurite: Azurite, name: str, **queue: Any) -> Settings:
+    """A worker's test settings (a worker never contacts IMDS: that is the supervisor's), validated."""
+    defaults: dict[str, Any] = {"visibility_timeout_s": 30, "retry_delay_s": 1.0, "idle_poll_max_s": 0.2}
+    settings = Settings(queue=QueueSettings(connection_string=azurite.connection_string, name=name, **{**defaults, **queue}),
+                        workload=WorkloadSettings(handler=RECORD_HANDLER))
+    validate(settings)
+    return settings
