@@ -11,10 +11,11 @@ on the queue directly, not through the proxy.
 
 Tools, N processes each (2 by default): `bare` (bench/bare_loop.py: receive 32,
 run, delete, one after the other), `ours` (`spot-supervisor run`, shipped
-defaults) and `celery` (prefork, kombu's Azure transport; bench/celery_app.py).
-`--baseline REF` adds `today`: spot-supervisor as it was at git REF (extracted
-with git archive, run with the same venv), so the change is measured side by
-side with what it changes. Workloads: `noop`, and `sleep20` (20 ms of waiting:
+defaults), `ours-up` (scale-up mode: one worker process with N threads) and
+`celery` (prefork, kombu's Azure transport; bench/celery_app.py).
+`--baseline REF` adds `today` (and `today-up`): spot-supervisor as it was at
+git REF (extracted with git archive, run with the same venv), so the change is
+measured side by side with what it changes. Workloads: `noop`, and `sleep20` (20 ms of waiting:
 a handler that leaves the two cores to the queue calls around it; the ideal is
 N × 50 msg/s).
 
@@ -59,14 +60,17 @@ from testsupport.azurite import connection_string
 from testsupport.proxy import FaultProxy
 
 DELAYS_MS = (0, 5, 10, 20)
-MESSAGES = {"noop": 400, "sleep20": 200}
+# No deeper: Azurite's own cost per request grows with the queue's depth (bench/azurite_depth: a delete takes
+# 3.6 ms at 600 messages, 6.5 ms at 1,000), and a deeper no-op run measures Azurite, not the tools. 600 of 20 ms
+# keep the tail (one worker left with its last batch while the other has none) to a few percent of the run.
+MESSAGES = {"noop": 400, "sleep20": 600}
 IDEAL_PER_PROCESS = {"sleep20": 50.0}  # msg/s one process could do if the queue cost nothing
-TOOLS = ("bare", "ours", "celery")
+TOOLS = ("bare", "ours", "ours-up", "celery")
 
 
 @dataclass(frozen=True)
 class Row:
-    tool: str  # bare | ours | today | celery
+    tool: str  # bare | ours | today | ours-up | today-up | celery
     workload: str
     delay_ms: int
 
@@ -111,7 +115,8 @@ def extract(ref: str, into: Path) -> Path:
 
 
 def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | None) -> Result:
-    setup = Setup("ours" if row.tool == "today" else row.tool, row.workload, processes)
+    tool, _, mode = row.tool.partition("-")
+    setup = Setup("ours" if tool == "today" else tool, row.workload, *((1, processes) if mode == "up" else (processes, 1)))
     with azurite(workdir) as direct:
         port = int(direct.split("127.0.0.1:")[1].split("/")[0])
         with FaultProxy(port, delay_s=row.delay_ms / 1000) as proxy:
@@ -120,7 +125,7 @@ def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | No
             done = CompletionLog(workdir / f"{queue}.done")
             requests = workdir / f"{queue}.requests"
             env = child_env(BENCH_DONE=str(done.path))
-            if row.tool == "today":
+            if tool == "today":
                 assert baseline is not None
                 env["PYTHONPATH"] = os.pathsep.join([str(baseline), str(REPO)])  # its worker/supervisor, our bench
             proc = start_tool(setup, connection_string(proxy.port), queue, counted(env, requests), workdir / f"{queue}.log")
@@ -158,8 +163,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="results file (default bench/results/latency.json)")
     args = parser.parse_args()
     tools = args.tools.split(",")
-    if args.baseline:
-        tools.insert(tools.index("ours") + 1 if "ours" in tools else len(tools), "today")
+    for ours in ("ours-up", "ours") if args.baseline else ():
+        if ours in tools:
+            tools.insert(tools.index(ours) + 1, ours.replace("ours", "today"))
     rows = [Row(tool, workload, int(delay)) for delay in args.delays.split(",") for workload in args.workloads.split(",")
             for tool in tools]
     runs: dict[Row, list[Result]] = {row: [] for row in rows}
@@ -172,7 +178,7 @@ def main() -> int:
                 workdir.mkdir()
                 result = measure(row, workdir, n, args.processes, baseline)
                 runs[row].append(result)
-                print(f"  run {repeat + 1}: +{row.delay_ms:>2} ms {row.workload:<8} {row.tool:<7} {result.rate:7.1f} msg/s "
+                print(f"  run {repeat + 1}: +{row.delay_ms:>2} ms {row.workload:<8} {row.tool:<8} {result.rate:7.1f} msg/s "
                       f"{result.requests_per_message:.3f} ({result.steady_requests_per_message:.3f}) req/msg "
                       f"{result.cpu_ms_per_message:.2f} CPU ms/msg", flush=True)
     for path in args.combine:
@@ -181,7 +187,7 @@ def main() -> int:
             if earlier.row in runs:
                 runs[earlier.row].append(earlier)
     best = {row: max(found, key=lambda r: r.rate) for row, found in runs.items()}
-    print(f"\n{'delay':>6} {'load':<8} {'tool':<7} {'msg/s':>8} {'vs bare':>8} {'of ideal':>8} {'req/msg':>8} {'steady':>7} "
+    print(f"\n{'delay':>6} {'load':<8} {'tool':<8} {'msg/s':>8} {'vs bare':>8} {'of ideal':>8} {'req/msg':>8} {'steady':>7} "
           f"{'CPU ms/msg':>10}")
     for row in rows:
         result = best[row]
@@ -189,7 +195,7 @@ def main() -> int:
         ideal = IDEAL_PER_PROCESS.get(row.workload)
         vs_bare = f"{result.rate / bare.rate:7.2f}x" if bare else "-"
         of_ideal = f"{result.rate / (ideal * args.processes):7.0%}" if ideal else "-"
-        print(f"+{row.delay_ms:>3} ms {row.workload:<8} {row.tool:<7} {result.rate:8.1f} {vs_bare:>8} {of_ideal:>8} "
+        print(f"+{row.delay_ms:>3} ms {row.workload:<8} {row.tool:<8} {result.rate:8.1f} {vs_bare:>8} {of_ideal:>8} "
               f"{result.requests_per_message:8.3f} {result.steady_requests_per_message:7.3f} {result.cpu_ms_per_message:10.2f}")
     save("latency", {"processes": args.processes, "repeat": min(len(found) for found in runs.values()), "baseline": args.baseline,
                      "load_average_1m_end": round(os.getloadavg()[0], 2),

@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.common import REPO, RESULTS  # noqa: E402
 
-COLORS = {"bare": "#9e9e9e", "ours": "#1f77b4", "today": "#9ecae1", "celery": "#8c564b"}
+COLORS = {"bare": "#9e9e9e", "ours": "#1f77b4", "today": "#9ecae1", "ours-up": "#2ca02c", "today-up": "#a1d99b",
+          "celery": "#8c564b"}
 TITLES = {"noop": "no-op", "cpu20": "20 ms CPU", "io200": "200 ms I/O wait", "sleep20": "20 ms handler (waiting)"}
 
 
@@ -94,14 +95,16 @@ def latency(data: dict[str, Any], out: Path) -> None:
     best = data["best"]
     workloads = list(dict.fromkeys(r["row"]["workload"] for r in best))
     tools = list(dict.fromkeys(r["row"]["tool"] for r in best))
-    labels = {"today": f"ours at {data.get('baseline') or 'baseline'} (before)", "ours": "ours"}
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.8 * len(workloads), 4))
+    before = data.get("baseline") or "baseline"
+    labels = {"today": f"ours at {before} (before)", "ours": "ours", "ours-up": "ours, scale-up (1 process, threads)",
+              "today-up": f"ours at {before}, scale-up (before)"}
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.8 * len(workloads), 4.8))
     for ax, workload in zip(axes if len(workloads) > 1 else [axes], workloads):
         for tool in tools:
             rows = sorted((r for r in best if r["row"]["workload"] == workload and r["row"]["tool"] == tool),
                           key=lambda r: r["row"]["delay_ms"])
-            ax.plot([r["row"]["delay_ms"] for r in rows], [r["rate"] for r in rows], "o-", color=COLORS[tool],
-                    label=labels.get(tool, tool))
+            ax.plot([r["row"]["delay_ms"] for r in rows], [r["rate"] for r in rows], "s--" if tool.endswith("-up") else "o-",
+                    color=COLORS[tool], label=labels.get(tool, tool))
         if workload == "sleep20":
             ax.axhline(50 * data["processes"], color="#cccccc", ls=":", label="ideal")
         ax.set_xticks(sorted({r["row"]["delay_ms"] for r in best}))
@@ -109,9 +112,10 @@ def latency(data: dict[str, Any], out: Path) -> None:
         ax.set_xlabel("added to every queue response (ms)")
         ax.set_ylabel("messages/s")
         ax.set_title(f"{TITLES.get(workload, workload)}, {data['processes']} processes", fontsize=10)
-        ax.legend(fontsize=8)
+    handles, names = axes[-1].get_legend_handles_labels() if len(workloads) > 1 else axes.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"Azurite behind a delay proxy\n{machine_note(data)}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out / "latency.png", dpi=110)
 
 

@@ -126,8 +126,9 @@ def start_tool(setup: Setup, conn: str, queue: str, env: dict[str, str], log: Pa
     elif setup.tool == "ours":
         env = {**env, "SPOT_QUEUE_CONNECTION_STRING": conn, "SPOT_QUEUE_NAME": queue, "SPOT_EVENTS_SOURCE": "none",
                "SPOT_WORKLOAD_HANDLER": f"bench.workloads:{setup.workload}", "SPOT_TELEMETRY_LOG_LEVEL": "WARNING"}
-        if setup.threads > 1:
-            env.update(SPOT_WORKLOAD_MODE="scale-up", SPOT_SCALING_THREADS_PER_CORE=str(IO_THREADS_PER_CORE))
+        if setup.threads > 1:  # scale-up sizes by CPU: threads_per_core × the CPUs this process may use
+            per_core = max(1, setup.threads // len(os.sched_getaffinity(0)))
+            env.update(SPOT_WORKLOAD_MODE="scale-up", SPOT_SCALING_THREADS_PER_CORE=str(per_core))
         else:
             env["SPOT_SCALING_WORKERS"] = str(setup.processes)
         argv = [str(BIN / "spot-supervisor"), "run"]

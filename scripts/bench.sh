@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other (they share the cores, so never in
 # parallel), then the plots. Numbers go to bench/results/<name>.{json,txt},
-# plots to docs/img/. Takes about 22 minutes on 2 cores; --quick about 8.
+# plots to docs/img/. Takes about 30 minutes on 2 cores; --quick about 11.
 #   scripts/bench.sh [--quick]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,5 +1,7 @@
 """Fixtures: one real Azurite (queue service, in memory) per test run, a fresh queue per test,
-and `supervisors`, which starts `spot-supervisor` processes and kills their process groups afterwards.
+`supervisors`, which starts `spot-supervisor` processes and kills their process groups afterwards,
+`simulator` and `start_evictable` (a supervisor whose Scheduled Events come from the IMDS simulator),
+and in-process workers (`runtimes`, `telemetry`, `record_path`).
 
 Helpers live in testsupport/ (importable thanks to pytest's `pythonpath = ["."]`).
 """
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 from azure.storage.queue import QueueClient
 
+from supervisor.simulator.server import ImdsSimulator
 from testsupport.azurite import Azurite, running_azurite
 from testsupport.handlers import RECORD_ENV
-from testsupport.harness import Supervisor
+from testsupport.harness import SAMPLE_RESULTS, Supervisor, child_env
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings, TelemetrySettings
 from worker.telemetry import Telemetry, setup_telemetry
@@ -55,6 +58,37 @@ def supervisors(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
     finally:
         for sup in started:
             sup.cleanup()
+
+
+@pytest.fixture
+def simulator() -> Iterator[ImdsSimulator]:
+    sim = ImdsSimulator(vm_name="vm-spot-07").start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+@pytest.fixture
+def start_evictable(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path,
+                    supervisors: Callable[..., Supervisor]) -> Callable[..., Supervisor]:
+    """start(events=True, extra_env=None, **spot) -> a supervisor with 2 workers on the test's queue, polling the
+    simulator every 0.25 s (events=False: no events source); the sample handler writes to tmp_path/SAMPLE_RESULTS
+    and the record handler to tmp_path/records.jsonl."""
+    def start(events: bool = True, extra_env: dict[str, str] | None = None, **spot: str) -> Supervisor:
+        settings = {"queue_name": queue_name, "queue_visibility_timeout_s": "10", "queue_batch_size": "8",
+                    "scaling_workers": "2", "shutdown_drain_timeout_s": "20"}
+        if events:
+            settings.update(events_source="azure", events_endpoint=simulator.url, events_poll_interval_s="0.25",
+                            events_request_timeout_s="0.5")
+        settings.update(spot)
+        env = child_env(azurite, **settings)
+        env["SPOT_SAMPLE_RESULTS"] = str(tmp_path / SAMPLE_RESULTS)
+        env[RECORD_ENV] = str(tmp_path / "records.jsonl")
+        env.update(extra_env or {})
+        return supervisors(env)
+
+    return start
 
 
 @pytest.fixture(scope="session")

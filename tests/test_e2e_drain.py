@@ -1,6 +1,5 @@
 """The supervisor's drain under hostile Scheduled Events (issue 16): a real supervisor, real workers,
 a real Azurite, the IMDS simulator serving raw documents over HTTP."""
-# ruff: noqa: F811 (pytest fixtures imported from test_e2e_eviction, then named as parameters)
 
 from __future__ import annotations
 
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.queue import QueueClient
-from test_e2e_eviction import enqueue, results, simulator, start, stop_when_holding  # noqa: F401 (fixtures)
 
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.handlers import read_records
-from testsupport.harness import RECORD_HANDLER, Supervisor
+from testsupport.harness import RECORD_HANDLER, Supervisor, sample_results
+from testsupport.queues import enqueue_sample_work
 from testsupport.waiting import wait_until
 
 VM = "vm-spot-07"
@@ -43,8 +42,8 @@ def timeline(log: str) -> dict[str, Any]:
 
 
 def test_a_freeze_does_not_hide_a_preempt_in_the_same_document(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
-    sup = start(events_drain_on=ALL_TYPES)
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
+    sup = start_evictable(events_drain_on=ALL_TYPES)
     sup.wait_for_log("ready:")
     now = int(time.time())
     simulator.set_document({"DocumentIncarnation": 5, "Events": [raw_event("F1", "Freeze", now + 60),
@@ -63,9 +62,9 @@ def test_a_freeze_does_not_hide_a_preempt_in_the_same_document(
 
 
 def test_a_stop_during_a_drain_is_not_undone_by_a_freeze(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
     queue.send_message(json.dumps({"sleep": 2, "ignore_drain": True}))
-    sup = start(workload_handler=RECORD_HANDLER, events_drain_on=ALL_TYPES)
+    sup = start_evictable(workload_handler=RECORD_HANDLER, events_drain_on=ALL_TYPES)
     sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     sup.proc.send_signal(signal.SIGTERM)  # systemctl stop
     sup.wait_for_log("drain (SIGTERM")
@@ -76,8 +75,8 @@ def test_a_stop_during_a_drain_is_not_undone_by_a_freeze(
 
 
 def test_a_malformed_event_for_another_vm_does_not_hide_a_preempt(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
-    sup = start()
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     now = time.time()
     bad = raw_event("O1", "Preempt", now + 30, resources=("other-vm",), DurationInSeconds=7.5)
@@ -94,8 +93,8 @@ def test_a_malformed_event_for_another_vm_does_not_hide_a_preempt(
 
 
 def test_an_acknowledged_event_that_is_not_carried_out_resumes_processing(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    sup = start()
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     notice = simulator.simulate_eviction(delay_s=30)
     sup.wait_for_log(f"holding until {notice['EventId']}")  # acknowledged, and still here: hold, do not exit
@@ -103,15 +102,15 @@ def test_an_acknowledged_event_that_is_not_carried_out_resumes_processing(
     assert "acknowledged, waiting for the VM to go" in sup.log()
     simulator.cancel_event(notice["EventId"])  # the platform never went ahead
     sup.wait_for_log("was cancelled")
-    enqueue(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "work after the event went away")
+    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the event went away")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
 
 
 def test_an_event_that_disappears_after_it_started_resumes_processing(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    sup = start()
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     notice = simulator.simulate_eviction(delay_s=1.0, resources=[VM, "other-vm"])  # not ours to acknowledge
     sup.wait_for_log(f"holding until {notice['EventId']}")
@@ -119,15 +118,15 @@ def test_an_event_that_disappears_after_it_started_resumes_processing(
     time.sleep(0.6)  # the supervisor sees it Started
     simulator.cancel_event(notice["EventId"])  # ... and it goes away, while this VM is still running
     sup.wait_for_log("was cancelled")
-    enqueue(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "work after the event went away")
+    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the event went away")
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
 
 
-def test_an_older_document_does_not_undo_a_drain(start: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
-    sup = start()
+def test_an_older_document_does_not_undo_a_drain(start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     current = {"DocumentIncarnation": 10,
                "Events": [raw_event("P1", "Preempt", time.time() + 30, resources=(VM, "other-vm"))]}
@@ -177,7 +176,7 @@ class WatchdogPings:
 
 
 def test_a_failed_acknowledgement_is_retried_without_blocking_the_main_loop(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, tmp_path: Path) -> None:
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, tmp_path: Path) -> None:
     attempts: list[float] = []
 
     def failing_ack(record: dict[str, Any]) -> None:
@@ -189,7 +188,7 @@ def test_a_failed_acknowledgement_is_retried_without_blocking_the_main_loop(
     simulator.on_ack = failing_ack
     pings = WatchdogPings(tmp_path / "notify.sock")
     try:
-        sup = start(events_request_timeout_s="3",
+        sup = start_evictable(events_request_timeout_s="3",
                     extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
         sup.wait_for_log("ready:")
         notice = simulator.simulate_eviction(delay_s=30)

@@ -6,94 +6,44 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 from azure.storage.queue import QueueClient
 
 from supervisor.simulator.server import ImdsSimulator
-from testsupport.azurite import Azurite
-from testsupport.handlers import RECORD_ENV, read_json_lines, read_records, succeeded_ids
-from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, child_env
+from testsupport.handlers import read_records, succeeded_ids
+from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, sample_results
 from testsupport.net import free_port
-
-
-@pytest.fixture
-def simulator() -> Iterator[ImdsSimulator]:
-    sim = ImdsSimulator(vm_name="vm-spot-07").start()
-    try:
-        yield sim
-    finally:
-        sim.stop()
-
-
-@pytest.fixture
-def start(azurite: Azurite, queue_name: str, simulator: ImdsSimulator, tmp_path: Path,
-          supervisors: Callable[..., Supervisor]) -> Callable[..., Supervisor]:
-    def start_supervisor(events: bool = True, extra_env: dict[str, str] | None = None, **spot: str) -> Supervisor:
-        settings = {"queue_name": queue_name, "queue_visibility_timeout_s": "10", "queue_batch_size": "8",
-                    "scaling_workers": "2", "shutdown_drain_timeout_s": "20"}
-        if events:
-            settings.update(events_source="azure", events_endpoint=simulator.url, events_poll_interval_s="0.25",
-                            events_request_timeout_s="0.5")
-        settings.update(spot)
-        env = child_env(azurite, **settings)
-        env["SPOT_SAMPLE_RESULTS"] = str(tmp_path / "results.jsonl")
-        env[RECORD_ENV] = str(tmp_path / "records.jsonl")
-        env.update(extra_env or {})
-        return supervisors(env)
-
-    return start_supervisor
-
-
-def enqueue(queue: QueueClient, count: int, chunks: int, chunk_ms: float) -> None:
-    for n in range(count):
-        queue.send_message(json.dumps({"n": n, "chunks": chunks, "chunk_ms": chunk_ms}))
-
-
-def results(tmp_path: Path) -> list[dict[str, Any]]:
-    return read_json_lines(tmp_path / "results.jsonl")
-
-
-def visible_count(queue: QueueClient) -> int:
-    return len(queue.peek_messages(max_messages=32))
-
-
-def stop_when_holding(sup: Supervisor, event_id: str, timeout: float = 15.0) -> int:
-    """Once drained and holding for the event (as it does until the VM goes), stop it as systemd would."""
-    sup.wait_for_log(f"holding until {event_id}", timeout)
-    assert sup.worker_pids() == set() and sup.proc.poll() is None
-    sup.proc.send_signal(signal.SIGTERM)
-    return sup.proc.wait(15)
+from testsupport.queues import enqueue_sample_work, visible_count
 
 
 def test_eviction_drains_releases_acknowledges_after_last_exit_and_resumes_elsewhere(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
     total = 24
-    enqueue(queue, total, chunks=20, chunk_ms=40)  # ~0.8 s of CPU per message, checkpoint after each chunk
+    enqueue_sample_work(queue, total, chunks=20, chunk_ms=40)  # ~0.8 s of CPU per message, checkpoint after each chunk
     alive_at_ack: list[set[int]] = []
-    sup = start()
-    sup.wait_for(lambda: len(results(tmp_path)) >= 2, 60, "two messages done")
+    sup = start_evictable()
+    sup.wait_for(lambda: len(sample_results(tmp_path)) >= 2, 60, "two messages done")
     workers = sup.worker_pids()
     assert len(workers) == 2
     simulator.on_ack = lambda record: alive_at_ack.append({pid for pid in workers if psutil.pid_exists(pid)})
 
     notice = simulator.simulate_eviction(delay_s=30)
     noticed = time.monotonic()
-    done_at_notice = len(results(tmp_path))
+    done_at_notice = len(sample_results(tmp_path))
     # Every message not done must be visible again (released), not left invisible until its lease.
     released_within = None
     while time.monotonic() - noticed < 5:
-        done = len({r["id"] for r in results(tmp_path)})
+        done = len({r["id"] for r in sample_results(tmp_path)})
         if visible_count(queue) == total - done:
             released_within = time.monotonic() - noticed
             break
         time.sleep(0.01)
     # Acknowledged: it holds, without workers, until the VM goes (here: a stop in its place).
-    assert stop_when_holding(sup, notice["EventId"]) == 0
+    assert sup.stop_when_holding(notice["EventId"]) == 0
     assert released_within is not None and released_within < 1.0, f"released after {released_within}s"
 
     acks = simulator.acks()
@@ -107,11 +57,11 @@ def test_eviction_drains_releases_acknowledges_after_last_exit_and_resumes_elsew
 
     # The replacement VM: a fresh supervisor without events finishes everything,
     # resuming interrupted messages from their checkpoints.
-    replacement = start(events=False)
-    replacement.wait_for(lambda: len({r["id"] for r in results(tmp_path)}) == total, 90, "all messages done")
+    replacement = start_evictable(events=False)
+    replacement.wait_for(lambda: len({r["id"] for r in sample_results(tmp_path)}) == total, 90, "all messages done")
     replacement.proc.send_signal(signal.SIGTERM)
     assert replacement.proc.wait(20) == 0
-    records = results(tmp_path)
+    records = sample_results(tmp_path)
     assert len({r["id"] for r in records}) == total
     assert any(r["resumed_from"] > 0 for r in records), "no message resumed from a checkpoint"
     assert queue.get_queue_properties().approximate_message_count == 0
@@ -119,26 +69,26 @@ def test_eviction_drains_releases_acknowledges_after_last_exit_and_resumes_elsew
 
 @pytest.mark.parametrize("mode", ["500", "410", "429", "garbage", "slow", "reset"])
 def test_imds_faults_never_drain_nor_crash_and_a_later_eviction_is_seen(
-        mode: str, start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    sup = start(scaling_workers="1")
+        mode: str, start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start_evictable(scaling_workers="1")
     sup.wait_for_log("ready:")
     simulator.set_faults(mode, count=4, delay_s=1.0 if mode == "slow" else None)
     sup.wait_for_log("scheduled events poll failed", timeout=10)
-    enqueue(queue, 3, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done while IMDS misbehaves")
+    enqueue_sample_work(queue, 3, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(tmp_path)) == 3, 30, "work done while IMDS misbehaves")
     assert sup.proc.poll() is None
     assert "drain (" not in sup.log()
 
     notice = simulator.simulate_eviction(delay_s=30)
-    assert stop_when_holding(sup, notice["EventId"]) == 0
+    assert sup.stop_when_holding(notice["EventId"]) == 0
     assert len(simulator.acks()) == 1
 
 
 def test_cancelled_event_resumes_processing(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
     # Handlers that ignore ctx.draining keep the drain open long enough for the cancellation to arrive.
     queue.send_message(json.dumps({"sleep": 3, "ignore_drain": True}))
-    sup = start(workload_handler=RECORD_HANDLER)
+    sup = start_evictable(workload_handler=RECORD_HANDLER)
     sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     before = sup.worker_pids()
     notice = simulator.simulate_eviction(delay_s=30)
@@ -156,8 +106,8 @@ def test_cancelled_event_resumes_processing(
 
 
 def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient) -> None:
-    sup = start()
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     simulator.set_document(json.loads((AZURE_FIXTURES / "scheduledevents-preempt-other-vm.json").read_text()))
     sup.wait_for_log("-> 3: 1 event(s)")
@@ -175,27 +125,27 @@ def test_events_for_other_vms_are_ignored_and_shared_events_are_not_acknowledged
 
 
 def test_a_shared_event_cancelled_after_the_drain_resumes_processing(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
-    sup = start()
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+    sup = start_evictable()
     sup.wait_for_log("ready:")
     notice = simulator.simulate_eviction(delay_s=30, resources=["vm-spot-07", "other-vm"])
     sup.wait_for_log(f"holding until {notice['EventId']}")
     assert sup.worker_pids() == set()
     simulator.cancel_event(notice["EventId"])
     sup.wait_for_log("was cancelled")
-    enqueue(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(results(tmp_path)) == 2, 20, "work after the cancelled eviction")
+    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the cancelled eviction")
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
 
 
-def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Supervisor], queue: QueueClient,
+def test_not_on_azure_is_one_warning_and_work_goes_on(start_evictable: Callable[..., Supervisor], queue: QueueClient,
                                                       tmp_path: Path) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens: like IMDS off Azure
-    sup = start(events_endpoint=nobody, events_vm_name="")
-    enqueue(queue, 3, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(results(tmp_path)) == 3, 30, "work done without IMDS")
+    sup = start_evictable(events_endpoint=nobody, events_vm_name="")
+    enqueue_sample_work(queue, 3, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(tmp_path)) == 3, 30, "work done without IMDS")
     warnings = [line for line in sup.log().splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "instance metadata unavailable" in warnings[0], warnings
     sup.proc.send_signal(signal.SIGTERM)
@@ -203,9 +153,9 @@ def test_not_on_azure_is_one_warning_and_work_goes_on(start: Callable[..., Super
 
 
 def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
-        start: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
+        start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator, queue: QueueClient, tmp_path: Path) -> None:
     queue.send_message(json.dumps({"sleep": 2, "ignore_drain": True}))
-    sup = start(workload_handler=RECORD_HANDLER)
+    sup = start_evictable(workload_handler=RECORD_HANDLER)
     sup.wait_for(lambda: read_records(tmp_path / "records.jsonl", "start"), 20, "the handler to start")
     notice = simulator.simulate_eviction(delay_s=30)
     sup.wait_for_log("drain (Preempt")
@@ -218,7 +168,7 @@ def test_a_stop_during_an_eviction_drain_is_not_undone_by_a_cancellation(
     assert simulator.acks() == []
 
 
-def test_an_eviction_drain_is_not_a_stop_for_systemd(start: Callable[..., Supervisor], simulator: ImdsSimulator,
+def test_an_eviction_drain_is_not_a_stop_for_systemd(start_evictable: Callable[..., Supervisor], simulator: ImdsSimulator,
                                                     tmp_path: Path) -> None:
     """STOPPING=1 puts the unit in "deactivating" and systemd kills it after TimeoutStopSec: a hold after the
     acknowledgement (or a resume) would end in a SIGKILL and a restart. Only a stop says STOPPING=1."""
@@ -235,7 +185,7 @@ def test_an_eviction_drain_is_not_a_stop_for_systemd(start: Callable[..., Superv
                 except (TimeoutError, socket.timeout):
                     return received
 
-        sup = start(extra_env={"NOTIFY_SOCKET": str(path)})
+        sup = start_evictable(extra_env={"NOTIFY_SOCKET": str(path)})
         sup.wait_for(lambda: any("READY=1" in t.splitlines() for t in collect()), 20, "READY=1")
         notice = simulator.simulate_eviction(delay_s=30)
         sup.wait_for_log(f"holding until {notice['EventId']}", 20)

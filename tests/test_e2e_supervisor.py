@@ -23,6 +23,7 @@ from azure.storage.queue import QueueClient
 from testsupport.azurite import Azurite
 from testsupport.handlers import IMPORT_DELAY_ENV, IMPORTED_ENV, RECORD_ENV, read_json_lines, read_records, succeeded_ids
 from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, run_plan
+from testsupport.queues import message_count, visible_ids
 from testsupport.waiting import wait_until
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -39,17 +40,6 @@ def enqueue(queue: QueueClient, bodies: list[str]) -> list[str]:
 def sleepy_bodies(n: int, seconds: float, cooperative: bool = False) -> list[str]:
     """Handlers that sleep `seconds`; cooperative ones raise Interrupted as soon as ctx.draining."""
     return [json.dumps({"sleep": seconds, "ignore_drain": not cooperative, "n": i}) for i in range(n)]
-
-
-def message_count(queue: QueueClient) -> int:
-    count = queue.get_queue_properties().approximate_message_count
-    assert count is not None
-    return count
-
-
-def visible_ids(queue: QueueClient) -> set[str]:
-    """Every message visible now (hidden for a minute by this client afterwards)."""
-    return {m.id for m in queue.receive_messages(messages_per_page=32, max_messages=5000, visibility_timeout=60)}
 
 
 def sleepy_env(azurite: Azurite, queue_name: str, events: Path, **spot: str) -> dict[str, str]:

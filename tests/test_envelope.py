@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
-from test_worker import (  # noqa: F401  (fixtures)
-    b64_client,
-    message_count,
-    peek_opened,
-    peek_texts,
-    poisoned_originals,
-)
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import read_records
 from testsupport.harness import worker_settings
+from testsupport.queues import b64_client, message_count, peek_texts, poisoned_originals
 from testsupport.waiting import wait_until
 from worker.message import (
     ENVELOPE_MARKER,

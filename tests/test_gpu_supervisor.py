@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -19,10 +18,8 @@ from nvidia_smi_standin import install, uuids
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import read_json_lines
-from testsupport.harness import Supervisor, child_env, run_plan
+from testsupport.harness import SPAWNED, Supervisor, child_env, run_plan
 from testsupport.waiting import wait_until
-
-SPAWNED = re.compile(r"spawned worker (\d+) \(slot (\d+), GPU (\d+) \((\S+)\)")
 
 
 def gpu_env(azurite: Azurite, bin_dir: Path, **spot: str) -> dict[str, str]:

@@ -9,12 +9,14 @@ import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import RECORD_ENV, read_records
 from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
+from testsupport.queues import message_count, peek_texts
 from testsupport.waiting import wait_until
 from worker.lease import Lease
 from worker.lease_slots import LeaseSlots
@@ -29,25 +31,29 @@ def record_env(azurite: Azurite, queue_name: str, record: Path, **spot: str) -> 
     return env
 
 
+def succeeds_in_one_attempt(azurite: Azurite, queue: QueueClient, queue_name: str, record: Path,
+                            supervisors: Callable[..., Supervisor], body: dict[str, Any], **spot: str) -> Supervisor:
+    """Sends one message, runs a supervisor on it and checks it ran once, on its first delivery, and succeeded."""
+    sent = queue.send_message(json.dumps(body))
+    sup = supervisors(record_env(azurite, queue_name, record, **spot))
+    sup.wait_for_workers(int(spot["scaling_workers"]))
+    wait_until(lambda: read_records(record, "end"), 30, what="the handler to finish")
+    assert [(s["id"], s["dequeue_count"]) for s in read_records(record, "start")] == [(sent.id, 1)], sup.log()[-3000:]
+    assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"]
+    return sup
+
+
 def test_a_handler_holding_the_gil_past_the_visibility_timeout_keeps_its_lease(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
         supervisors: Callable[..., Supervisor]) -> None:
     # Before: the worker's keeper thread stopped with the GIL, the lease expired after 2 s, the other worker
     # ran the message again (and again), and the attempts that succeeded were counted toward poison.
-    record = tmp_path / "attempts.jsonl"
-    sent = queue.send_message(json.dumps({"hold_gil_s": 5}))
-    sup = supervisors(record_env(azurite, queue_name, record, scaling_workers="2", queue_visibility_timeout_s="2",
-                           queue_max_dequeue_count="2"))
-    sup.wait_for_workers(2)
-
-    wait_until(lambda: read_records(record, "end"), 20, what="the handler to finish")
-    wait_until(lambda: queue.get_queue_properties().approximate_message_count == 0, 5, what="the delete")
-    starts = read_records(record, "start")
-    assert [(s["id"], s["dequeue_count"]) for s in starts] == [(sent.id, 1)], sup.log()[-3000:]
-    assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"]
+    sup = succeeds_in_one_attempt(azurite, queue, queue_name, tmp_path / "attempts.jsonl", supervisors, {"hold_gil_s": 5},
+                                  scaling_workers="2", queue_visibility_timeout_s="2", queue_max_dequeue_count="2")
+    wait_until(lambda: message_count(queue) == 0, 5, what="the delete")
     assert "renewing it on the worker's behalf" in sup.log()
     assert "the lease keeper could not run for" in sup.log()  # and the worker says why, once it can
-    assert not _exists(azurite, queue_name) or list(azurite.queue(f"{queue_name}-poison").peek_messages()) == []
+    assert peek_texts(azurite.queue(f"{queue_name}-poison")) == []
 
 
 def test_a_worker_killed_at_the_drain_deadline_gives_its_message_back_as_a_release(
@@ -75,7 +81,7 @@ def test_a_worker_killed_at_the_drain_deadline_gives_its_message_back_as_a_relea
     wait_until(lambda: read_records(record, "end"), 20, what="the second attempt to finish")
     assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"], again.log()[-3000:]
     assert [s["state"] for s in read_records(record, "start")] == [None, {"step": 1}]
-    assert not _exists(azurite, queue_name) or list(azurite.queue(f"{queue_name}-poison").peek_messages()) == []
+    assert peek_texts(azurite.queue(f"{queue_name}-poison")) == []
 
 
 def test_lease_slots_lock_out_the_other_process_and_keep_the_newest_receipt(tmp_path: Path) -> None:
@@ -113,27 +119,12 @@ def test_an_undecodable_message_still_gets_a_slot_on_its_way_to_poison() -> None
     slots.close()
 
 
-def _exists(azurite: Azurite, queue_name: str) -> bool:
-    try:
-        azurite.queue(f"{queue_name}-poison").get_queue_properties()
-    except Exception:
-        return False
-    return True
-
-
 def test_a_worker_silent_because_it_computes_holding_the_gil_is_left_running(
         azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
         supervisors: Callable[..., Supervisor]) -> None:
     # The heartbeat stops with the GIL as the lease keeper does; a stopped or deadlocked worker uses no CPU and is
     # replaced, but one that computes is busy: killing it would turn a success into a failed attempt.
-    record = tmp_path / "attempts.jsonl"
-    sent = queue.send_message(json.dumps({"burn_gil_s": 7}))
-    sup = supervisors(record_env(azurite, queue_name, record, scaling_workers="1", queue_visibility_timeout_s="2",
-                           scaling_worker_timeout_s="2"))
-    sup.wait_for_workers(1)
-
-    wait_until(lambda: read_records(record, "end"), 30, what="the handler to finish")
-    assert [(s["id"], s["dequeue_count"]) for s in read_records(record, "start")] == [(sent.id, 1)], sup.log()[-3000:]
-    assert [e["outcome"] for e in read_records(record, "end")] == ["succeeded"]
+    sup = succeeds_in_one_attempt(azurite, queue, queue_name, tmp_path / "attempts.jsonl", supervisors, {"burn_gil_s": 7},
+                                  scaling_workers="1", queue_visibility_timeout_s="2", scaling_worker_timeout_s="2")
     assert "but is computing" in sup.log()
     assert "killing it" not in sup.log()

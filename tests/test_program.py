@@ -19,11 +19,10 @@ import psutil
 import pytest
 from azure.storage.queue import QueueClient
 from nvidia_smi_standin import install, uuids
-from test_e2e_supervisor import message_count, visible_ids
-from test_gpu_supervisor import SPAWNED
 
 from testsupport.azurite import Azurite
-from testsupport.harness import REPO, SUPERVISOR, Supervisor, child_env
+from testsupport.harness import REPO, SPAWNED, SUPERVISOR, Supervisor, child_env
+from testsupport.queues import message_count, visible_ids
 from testsupport.waiting import wait_until
 from worker.message import Codec
 from worker.poisoned import read_poisoned

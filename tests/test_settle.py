@@ -18,6 +18,7 @@ from testsupport.azurite import Azurite
 from testsupport.handlers import read_records
 from testsupport.harness import worker_settings
 from testsupport.proxy import FaultProxy
+from testsupport.queues import message_count
 from testsupport.waiting import wait_until
 from worker.consumer import Consumer
 from worker.lease import LeaseState
@@ -35,10 +36,6 @@ def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
 def settings_via(proxy: FaultProxy, name: str, **queue: Any) -> Settings:
     """Workers talk to Azurite through the proxy; the test's own client talks to it directly."""
     return worker_settings(Azurite(proxy.port), name, **queue)
-
-
-def message_count(client: QueueClient) -> int:
-    return client.get_queue_properties().approximate_message_count
 
 
 def test_a_finished_message_whose_delete_is_in_flight_when_a_drain_starts_is_deleted(

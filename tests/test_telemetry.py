@@ -152,7 +152,7 @@ def test_exports_spans_metrics_and_logs(ingestion: Ingestion) -> None:
     assert {e["tags"]["ai.cloud.role"] for e in ingestion.envelopes()} == {"spot-test"}
     resource = next(m["properties"] for m in ingestion.of_type("MetricData") if m["metrics"][0]["name"] == "_OTELRESOURCE_")
     assert resource["spot.worker.index"] == "7" and resource["spot.role"] == "worker"
-    assert not [h for h in logging.getLogger().handlers if type(h).__name__ == "_LogHandler"]
+    assert not [h for h in logging.getLogger().handlers if type(h).__name__ == "LogHandler"]
 
 
 def test_without_connection_string_is_silent(ingestion: Ingestion, capfd: pytest.CaptureFixture[str]) -> None:

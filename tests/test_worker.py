@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import (
     QueueClient,
-    TextBase64DecodePolicy,
-    TextBase64EncodePolicy,
 )
 
 from testsupport.azurite import Azurite
 from testsupport.handlers import RECORD_ENV, read_records
 from testsupport.harness import RECORD_HANDLER, REPO, child_env, worker_settings
+from testsupport.queues import b64_client, message_count, peek_opened, peek_texts, poisoned_originals
 from testsupport.requestlog import RequestLog
 from testsupport.waiting import wait_until
 from worker.consumer import Consumer, Shared, release_pending
@@ -52,33 +50,6 @@ HANDLER = RECORD_HANDLER
 
 
 
-def poisoned_originals(client: QueueClient) -> list[str]:
-    """The original text of every message in a poison queue (up to 32), without the note in front of it."""
-    return [read_poisoned(text)[0] for text in peek_texts(client)]
-
-
-def peek_texts(client: QueueClient) -> list[str]:
-    """Raw text of every visible message (up to 32), [] when the queue does not exist."""
-    try:
-        return [m.content for m in client.peek_messages(max_messages=32)]
-    except ResourceNotFoundError:
-        return []
-
-
-def peek_opened(client: QueueClient, encoding: str = "none") -> list[tuple[Envelope, str]]:
-    """(envelope, body) of every visible message (up to 32), as a consumer would open it."""
-    codec = Codec(encoding)
-    return [codec.open(m.content, m.id) for m in client.peek_messages(max_messages=32)]
-
-
-def message_count(client: QueueClient) -> int:
-    """Visible and invisible messages."""
-    try:
-        return client.get_queue_properties().approximate_message_count
-    except ResourceNotFoundError:
-        return 0
-
-
 def by_id(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -86,11 +57,6 @@ def by_id(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for attempts in grouped.values():
         attempts.sort(key=lambda r: r["t"])
     return grouped
-
-
-def b64_client(azurite: Azurite, name: str) -> QueueClient:
-    return QueueClient.from_connection_string(azurite.connection_string, name, message_encode_policy=TextBase64EncodePolicy(),
-                                              message_decode_policy=TextBase64DecodePolicy())
 
 
 def worker_config(tmp_path: Path, queue_name: str, **queue: Any) -> Path:

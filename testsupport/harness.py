@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 import psutil
 
 from testsupport.azurite import REPO, Azurite
+from testsupport.handlers import read_json_lines
 from testsupport.waiting import wait_until
 from worker.settings import QueueSettings, Settings, WorkloadSettings, validate
 
@@ -26,6 +28,9 @@ AZURE_FIXTURES = REPO.parent / "shared" / "fixtures" / "azure"  # recorded IMDS 
 _SCRIPT = Path(sys.executable).with_name("spot-supervisor")
 SUPERVISOR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor"]
 RECORD_HANDLER = "testsupport.handlers:record"
+SAMPLE_RESULTS = "results.jsonl"  # in a test's directory: what worker/sample.py's handler wrote (SPOT_SAMPLE_RESULTS)
+# The supervisor's line for each worker it starts on a GPU: pid, slot, GPU index, GPU UUID.
+SPAWNED = re.compile(r"spawned worker (\d+) \(slot (\d+), GPU (\d+) \((\S+)\)")
 
 
 def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
@@ -41,6 +46,10 @@ def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
                 "SPOT_COST_ENABLED": "false", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
     env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
     return env
+
+
+def sample_results(workdir: Path) -> list[dict[str, Any]]:
+    return read_json_lines(workdir / SAMPLE_RESULTS)
 
 
 def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
@@ -111,6 +120,14 @@ class Supervisor:
 
     def send(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def stop_when_holding(self, event_id: str, timeout: float = 15.0) -> int:
+        """Once drained and holding for the event (as it does until the VM goes), stop it as systemd would;
+        returns its exit status."""
+        self.wait_for_log(f"holding until {event_id}", timeout)
+        assert self.worker_pids() == set() and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(15)
 
     def wait(self, timeout: float) -> int:
         try:

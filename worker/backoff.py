@@ -1,4 +1,5 @@
-"""Exponential backoff: the one growth formula, and full jitter for retry loops."""
+"""Exponential backoff: the one growth formula, full jitter for retry loops, and the redelivery delays of
+failed and interrupted messages."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from typing import Literal
 def exponential_delay(attempt: int, base_s: float, cap_s: float) -> float:
     """base_s * 2**attempt, at most cap_s (attempt 0 gives base_s). No jitter: callers choose theirs."""
     return min(cap_s, base_s * (2 ** min(max(attempt, 0), 32)))
+
+
+def retry_delay_s(failures: int, base_s: float, cap_s: float) -> int:
+    """A failed message's visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
+    delay = exponential_delay(failures - 1, base_s, cap_s)
+    return max(1, round(delay * random.uniform(0.8, 1.2)))
+
+
+INTERRUPTION_DELAY_MAX_S = 30
+
+
+def interruption_delay_s(releases: int) -> int:
+    """Visibility delay after an Interrupted outside a drain: 1, 2, 4 ... 30 s as the message's releases grow."""
+    return min(INTERRUPTION_DELAY_MAX_S, 2 ** min(releases, 5))
 
 
 class Backoff:

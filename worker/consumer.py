@@ -13,7 +13,6 @@ prefetch_s budget), so a worker does not wait for a round trip per message.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 
 from azure.storage.queue import QueueClient, QueueMessage
 
-from worker.backoff import Backoff, exponential_delay
+from worker.backoff import Backoff, interruption_delay_s, retry_delay_s
 from worker.context import Context, StopSignal
 from worker.lease import Lease, LeaseState, LeaseTable
 from worker.lease_slots import LeaseSlots
@@ -82,20 +81,6 @@ class Shared:
                 ensure_queue(client)
                 self._poison = client
             return self._poison
-
-
-def retry_delay_s(settings: QueueSettings, failures: int) -> int:
-    """Visibility delay before attempt failures+1: grows with each failure, jittered, whole seconds."""
-    delay = exponential_delay(failures - 1, settings.retry_delay_s, settings.retry_delay_max_s)
-    return max(1, round(delay * random.uniform(0.8, 1.2)))
-
-
-INTERRUPTION_DELAY_MAX_S = 30
-
-
-def interruption_delay_s(releases: int) -> int:
-    """Visibility delay after an Interrupted outside a drain: 1, 2, 4 ... 30 s as the message's releases grow."""
-    return min(INTERRUPTION_DELAY_MAX_S, 2 ** min(releases, 5))
 
 
 class Consumer:
@@ -341,7 +326,8 @@ class Consumer:
             self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
                         message.dequeue_count if message else None, message.inserted_on if message else None, handler_s)
             return
-        self.settle(lease, "failed", lambda: lease.retry_later(retry_delay_s(self.settings, failures)), handler_s)
+        delay = retry_delay_s(failures, self.settings.retry_delay_s, self.settings.retry_delay_max_s)
+        self.settle(lease, "failed", lambda: lease.retry_later(delay), handler_s)
 
     def poison(self, lease: Lease, reason: str, dequeue_count: int | None = None, inserted_on: datetime | None = None,
                handler_s: float | None = None) -> None:

@@ -23,37 +23,30 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from time import time_ns
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
-    LogRecordExporter,
-    LogRecordExportResult,
-)
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
-    MetricExportResult,
-    MetricsData,
-    PeriodicExportingMetricReader,
-)
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from worker.settings import ConfigError, TelemetrySettings
+from worker.settings import TelemetrySettings
+from worker.telemetry_export import (
+    SHUTDOWN_THREAD,
+    ForkSafeLogExporter,
+    ForkSafeMetricExporter,
+    ForkSafeSpanExporter,
+    LogHandler,
+    azure_exporters,
+)
 
 __all__ = ["MESSAGE_OUTCOMES", "Telemetry", "setup_telemetry"]
 
@@ -63,20 +56,8 @@ SCOPE = "spot-supervisor"
 METRIC_EXPORT_INTERVAL_MS = 60_000
 MESSAGE_OUTCOMES = ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost")
 MESSAGING_SYSTEM = "azure_storage_queue"
-# Our own loggers: exported from INFO (or telemetry.log_level if higher); everything else from WARNING.
-OWN_LOGGERS = ("supervisor", "worker")
 # Seconds, for handler and drain durations (Application Insights keeps count/sum/min/max only).
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-# The exporter's own switches: statsbeat / SDK stats are extra metrics and threads that phone Microsoft,
-# the control plane polls settings.sdk.monitor.azure.com. Off unless the operator set them explicitly.
-EXPORTER_ENV_DEFAULTS = {
-    "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
-    "APPLICATIONINSIGHTS_SDKSTATS_DISABLED": "true",
-    "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
-}
-# Log records from these never go back into the log exporter (no feedback loop on export errors).
-_QUIET_LOGGERS = ("opentelemetry", "azure.monitor.opentelemetry")
-_EXPORT_THREADS = ("OtelBatch", "OtelPeriodicExportingMetricReader", "spot-telemetry-shutdown")
 
 
 class Telemetry:
@@ -102,22 +83,22 @@ class Telemetry:
         })
         self._lock = threading.Lock()
         self._closed = False
-        self._log_handler: _LogHandler | None = None
+        self._log_handler: LogHandler | None = None
 
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
         self.logger_provider: LoggerProvider | None = None
         if self.exporting:
             self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
-            span_exporter, metric_exporter, log_exporter = _azure_exporters(settings.connection_string, self.tracer_provider)
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(_ForkSafeSpanExporter(span_exporter)))
-            reader = PeriodicExportingMetricReader(_ForkSafeMetricExporter(metric_exporter),
+            span_exporter, metric_exporter, log_exporter = azure_exporters(settings.connection_string, self.tracer_provider)
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(ForkSafeSpanExporter(span_exporter)))
+            reader = PeriodicExportingMetricReader(ForkSafeMetricExporter(metric_exporter),
                                                    export_interval_millis=METRIC_EXPORT_INTERVAL_MS)
             self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader], shutdown_on_exit=False)
             self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
-            self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(_ForkSafeLogExporter(log_exporter)))
+            self.logger_provider.add_log_record_processor(BatchLogRecordProcessor(ForkSafeLogExporter(log_exporter)))
             own_level = max(logging.INFO, logging.getLevelName(settings.log_level.upper()))
-            self._log_handler = _LogHandler(self.logger_provider, own_level)
+            self._log_handler = LogHandler(self.logger_provider, own_level)
             logging.getLogger().addHandler(self._log_handler)
             atexit.register(_shutdown_at_exit, weakref.ref(self))
             os.register_at_fork(after_in_child=_abandon_in_child(weakref.ref(self)))
@@ -178,7 +159,7 @@ class Telemetry:
             if not self.exporting:
                 return
             # Exports are HTTP calls that may hang on a dead network: never let them hold up an exit.
-            closer = threading.Thread(target=self._close, args=(timeout_s,), name="spot-telemetry-shutdown", daemon=True)
+            closer = threading.Thread(target=self._close, args=(timeout_s,), name=SHUTDOWN_THREAD, daemon=True)
             closer.start()
             closer.join(timeout_s)
             if closer.is_alive():
@@ -258,151 +239,10 @@ def setup_telemetry(settings: TelemetrySettings, role: str, attributes: Mapping[
     return Telemetry(settings, role, attributes, point_attributes)
 
 
-# -- exporters ------------------------------------------------------------------------------------
-
-
-def _azure_exporters(connection_string: str, tracer_provider: TracerProvider) -> tuple[SpanExporter, MetricExporter, LogRecordExporter]:
-    from azure.core.pipeline.policies import SansIOHTTPPolicy
-    from azure.monitor.opentelemetry.exporter import (
-        AzureMonitorLogExporter,
-        AzureMonitorMetricExporter,
-        AzureMonitorTraceExporter,
-    )
-
-    for name, value in EXPORTER_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    # Its INFO lines ("Transmission succeeded ...") would otherwise reach stderr after every export.
-    exporter_logger = logging.getLogger("azure.monitor.opentelemetry.exporter")
-    if exporter_logger.level == logging.NOTSET:
-        exporter_logger.setLevel(logging.WARNING)
-    options: dict[str, Any] = {
-        "disable_offline_storage": True,  # no retry files under /tmp: a Spot VM's disk goes with it
-        "timeout": 10.0,  # connection timeout, and the total time budget of azure-core's HTTP retries
-        "retry_total": 3,
-        "http_logging_policy": SansIOHTTPPolicy(),  # no INFO lines per request from azure.core
-    }
-    try:
-        return (
-            # Without tracer_provider it looks up the *global* provider for the resource on every export.
-            AzureMonitorTraceExporter.from_connection_string(connection_string, tracer_provider=tracer_provider, **options),
-            AzureMonitorMetricExporter.from_connection_string(connection_string, **options),
-            AzureMonitorLogExporter.from_connection_string(connection_string, **options),
-        )
-    except ValueError as exc:
-        raise ConfigError("telemetry.connection_string",
-                          f"not a valid Application Insights connection string ({exc})") from None
-
-
-class _ForkSafeSpanExporter(SpanExporter):
-    def __init__(self, inner: SpanExporter) -> None:
-        self._inner, self._pid = inner, os.getpid()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return self._inner.export(spans) if os.getpid() == self._pid else SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        if os.getpid() == self._pid:
-            self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
-
-
-class _ForkSafeMetricExporter(MetricExporter):
-    def __init__(self, inner: MetricExporter) -> None:
-        super().__init__(preferred_temporality=inner._preferred_temporality,  # noqa: SLF001 - the reader reads these too
-                         preferred_aggregation=inner._preferred_aggregation)  # noqa: SLF001
-        self._inner, self._pid = inner, os.getpid()
-
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        if os.getpid() != self._pid:
-            return MetricExportResult.SUCCESS
-        return self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        if os.getpid() == self._pid:
-            self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-
-class _ForkSafeLogExporter(LogRecordExporter):
-    def __init__(self, inner: LogRecordExporter) -> None:
-        self._inner, self._pid = inner, os.getpid()
-
-    def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
-        return self._inner.export(batch) if os.getpid() == self._pid else LogRecordExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        if os.getpid() == self._pid:
-            self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis) if os.getpid() == self._pid else True
-
-
-# -- logs -----------------------------------------------------------------------------------------
-
-_SEVERITY = {logging.DEBUG: SeverityNumber.DEBUG, logging.INFO: SeverityNumber.INFO, logging.WARNING: SeverityNumber.WARN,
-             logging.ERROR: SeverityNumber.ERROR, logging.CRITICAL: SeverityNumber.FATAL}
-_SEVERITY_TEXT = {"WARNING": "WARN", "CRITICAL": "FATAL"}
-
-
-class _LogHandler(logging.Handler):
-    """Root-logger handler to the OTel logger provider (the SDK's LoggingHandler is deprecated).
-
-    Our own loggers ("supervisor", "worker") from `own_level`, everything else from WARNING;
-    never the telemetry pipeline's own records, so an export error cannot feed itself.
-    """
-
-    def __init__(self, provider: LoggerProvider, own_level: int) -> None:
-        super().__init__(level=min(own_level, logging.WARNING))
-        self.pid = os.getpid()
-        self._provider = provider
-        self._own_level = own_level
-
-    def _wanted(self, record: logging.LogRecord) -> bool:
-        name = record.name
-        own = name in OWN_LOGGERS or name.startswith(("supervisor.", "worker."))
-        if record.levelno < (self._own_level if own else logging.WARNING):
-            return False
-        if name.startswith(_QUIET_LOGGERS) or (record.threadName or "").startswith(_EXPORT_THREADS):
-            return False
-        return os.getpid() == self.pid
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self._wanted(record):
-            return
-        try:
-            attributes: dict[str, Any] = {
-                "code.file.path": record.pathname,
-                "code.function.name": record.funcName,
-                "code.line.number": record.lineno,
-            }
-            if record.exc_info and record.exc_info[0] is not None:
-                exc_type, exc, _ = record.exc_info
-                attributes["exception.type"] = exc_type.__name__
-                attributes["exception.message"] = str(exc)
-                attributes["exception.stacktrace"] = self.formatter.formatException(record.exc_info) if self.formatter \
-                    else logging.Formatter().formatException(record.exc_info)
-            self._provider.get_logger(record.name).emit(
-                timestamp=int(record.created * 1e9),
-                observed_timestamp=time_ns(),
-                context=otel_context.get_current(),
-                severity_number=_SEVERITY.get(record.levelno, SeverityNumber.UNSPECIFIED),
-                severity_text=_SEVERITY_TEXT.get(record.levelname, record.levelname),
-                body=record.getMessage(),
-                attributes=attributes,
-            )
-        except Exception:
-            self.handleError(record)
-
-
 def _drop_inherited_handlers() -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, _LogHandler) and handler.pid != os.getpid():
+        if isinstance(handler, LogHandler) and handler.pid != os.getpid():
             root.removeHandler(handler)
 
 
