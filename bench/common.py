@@ -94,6 +94,13 @@ class CompletionLog:
         with self.path.open("rb") as fh:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 16), b""))
 
+    def seconds_for_all(self, n: int, label: object) -> float:
+        """From the first handler start to the last handler end; raises unless exactly n distinct messages completed."""
+        completions = self.read()
+        if (unique := len({c.body for c in completions})) != n:
+            raise RuntimeError(f"{label}: {unique} of {n} messages completed")
+        return max(c.time for c in completions) - min(c.started for c in completions)
+
     def wait_for(self, n: int, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> None:
         deadline = time.monotonic() + timeout
         while self.count() < n:
@@ -115,6 +122,13 @@ def record_completion(body: str, started: float | None = None) -> None:
         os.write(fd, f"{end:.6f} {started or end:.6f} {os.getpid()} {body}\n".encode())
     finally:
         os.close(fd)
+
+
+def wait_until_empty(client: Any, timeout: float = 10.0) -> None:
+    """Until the queue holds nothing (spot-supervisor deletes after the handler returned), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while approximate_count(client) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def request_count(path: Path) -> int:

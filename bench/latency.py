@@ -37,7 +37,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,13 +46,13 @@ import psutil
 from bench.common import (
     REPO,
     CompletionLog,
-    approximate_count,
     azurite,
     child_env,
     counted,
     request_count,
     save,
     stop_tree,
+    wait_until_empty,
 )
 from bench.throughput import Setup, enqueue, start_tool
 from testsupport.azurite import connection_string
@@ -134,18 +133,13 @@ def measure(row: Row, workdir: Path, n: int, processes: int, baseline: Path | No
                 done.wait_for(1, timeout=60, alive=alive)
                 cpu_at_first, requests_at_first = tree_cpu_s(proc.pid), request_count(requests)
                 done.wait_for(n, timeout=60 + n * 0.5 / processes, alive=alive)
-                settle = time.monotonic() + 10
-                while approximate_count(client) and time.monotonic() < settle:
-                    time.sleep(0.01)
+                wait_until_empty(client)
                 cpu = tree_cpu_s(proc.pid) - cpu_at_first
                 sent = request_count(requests)
                 proxied = proxy.stats.requests
             finally:
                 stop_tree(proc, signal.SIGTERM if setup.tool != "celery" else signal.SIGQUIT)
-    completions = done.read()
-    if (unique := len({c.body for c in completions})) != n:
-        raise RuntimeError(f"{row}: {unique} of {n} messages completed")
-    seconds = max(c.time for c in completions) - min(c.started for c in completions)
+    seconds = done.seconds_for_all(n, row)
     return Result(row, n, seconds, n / seconds, sent / n, (sent - requests_at_first) / n, 1000 * cpu / n, proxied)
 
 

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from bench.common import (
     spawn,
     stop_tree,
     tree_memory,
+    wait_until_empty,
 )
 
 BIN = Path(sys.executable).parent
@@ -175,16 +175,11 @@ def measure_on(setup: Setup, conn: str, workdir: Path, n: int) -> Run:
     try:
         with MemorySampler(proc.pid) as memory:
             done.wait_for(n, timeout=60 + n * 0.5 / setup.processes, alive=proc if setup.tool != "bare" else None)
-            settle = time.monotonic() + 10
-            while approximate_count(client) and time.monotonic() < settle:  # ours deletes after the handler returns
-                time.sleep(0.02)
+            wait_until_empty(client)
             sent = request_count(requests)
     finally:
         stop_tree(proc, signal.SIGTERM if setup.tool != "celery" else signal.SIGQUIT)
-    completions = done.read()
-    if (unique := len({c.body for c in completions})) != n:
-        raise RuntimeError(f"{setup.label}: {unique} of {n} messages completed")
-    seconds = max(c.time for c in completions) - min(c.started for c in completions)
+    seconds = done.seconds_for_all(n, setup.label)
     peak = memory.peak or {"parent_rss_mb": 0.0, "worker_rss_mb": 0.0, "tree_pss_mb": 0.0, "processes": 0}
     return Run(setup, n, seconds, n / seconds, sent, sent / n, peak["parent_rss_mb"], peak["worker_rss_mb"],
                peak["tree_pss_mb"], int(peak["processes"]))
