@@ -17,8 +17,7 @@ from azure.storage.queue import QueueClient
 
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.handlers import read_records
-from testsupport.harness import RECORD_HANDLER, Supervisor, sample_results
-from testsupport.queues import enqueue_sample_work
+from testsupport.harness import RECORD_HANDLER, Supervisor, processes_sample_work
 from testsupport.waiting import wait_until
 
 VM = "vm-spot-07"
@@ -102,8 +101,7 @@ def test_an_acknowledged_event_that_is_not_carried_out_resumes_processing(
     assert "acknowledged, waiting for the VM to go" in sup.log()
     simulator.cancel_event(notice["EventId"])  # the platform never went ahead
     sup.wait_for_log("was cancelled")
-    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the event went away")
+    processes_sample_work(sup, queue, tmp_path, 2, 20, "work after the event went away")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
 
@@ -118,8 +116,7 @@ def test_an_event_that_disappears_after_it_started_resumes_processing(
     time.sleep(0.6)  # the supervisor sees it Started
     simulator.cancel_event(notice["EventId"])  # ... and it goes away, while this VM is still running
     sup.wait_for_log("was cancelled")
-    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the event went away")
+    processes_sample_work(sup, queue, tmp_path, 2, 20, "work after the event went away")
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0

@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.handlers import read_records, succeeded_ids
-from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, sample_results
+from testsupport.harness import AZURE_FIXTURES, RECORD_HANDLER, Supervisor, processes_sample_work, sample_results
 from testsupport.net import free_port
 from testsupport.queues import enqueue_sample_work, visible_count
 
@@ -74,8 +74,7 @@ def test_imds_faults_never_drain_nor_crash_and_a_later_eviction_is_seen(
     sup.wait_for_log("ready:")
     simulator.set_faults(mode, count=4, delay_s=1.0 if mode == "slow" else None)
     sup.wait_for_log("scheduled events poll failed", timeout=10)
-    enqueue_sample_work(queue, 3, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(sample_results(tmp_path)) == 3, 30, "work done while IMDS misbehaves")
+    processes_sample_work(sup, queue, tmp_path, 3, 30, "work done while IMDS misbehaves")
     assert sup.proc.poll() is None
     assert "drain (" not in sup.log()
 
@@ -133,8 +132,7 @@ def test_a_shared_event_cancelled_after_the_drain_resumes_processing(
     assert sup.worker_pids() == set()
     simulator.cancel_event(notice["EventId"])
     sup.wait_for_log("was cancelled")
-    enqueue_sample_work(queue, 2, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(sample_results(tmp_path)) == 2, 20, "work after the cancelled eviction")
+    processes_sample_work(sup, queue, tmp_path, 2, 20, "work after the cancelled eviction")
     assert simulator.acks() == []
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.proc.wait(20) == 0
@@ -144,8 +142,7 @@ def test_not_on_azure_is_one_warning_and_work_goes_on(start_evictable: Callable[
                                                       tmp_path: Path) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens: like IMDS off Azure
     sup = start_evictable(events_endpoint=nobody, events_vm_name="")
-    enqueue_sample_work(queue, 3, chunks=1, chunk_ms=1)
-    sup.wait_for(lambda: len(sample_results(tmp_path)) == 3, 30, "work done without IMDS")
+    processes_sample_work(sup, queue, tmp_path, 3, 30, "work done without IMDS")
     warnings = [line for line in sup.log().splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "instance metadata unavailable" in warnings[0], warnings
     sup.proc.send_signal(signal.SIGTERM)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from azure.storage.queue import QueueClient
 
 from testsupport.azurite import REPO, Azurite
 from testsupport.handlers import read_json_lines
+from testsupport.queues import enqueue_sample_work
 from testsupport.waiting import wait_until
 from worker.settings import QueueSettings, Settings, WorkloadSettings, validate
 
@@ -50,6 +52,13 @@ def child_env(azurite: Azurite, **spot: str) -> dict[str, str]:
 
 def sample_results(workdir: Path) -> list[dict[str, Any]]:
     return read_json_lines(workdir / SAMPLE_RESULTS)
+
+
+def processes_sample_work(sup: Supervisor, queue: QueueClient, workdir: Path, count: int, timeout: float, what: str) -> None:
+    """Sends `count` one-chunk sample messages and waits until the supervisor's workers completed them."""
+    before = len(sample_results(workdir))
+    enqueue_sample_work(queue, count, chunks=1, chunk_ms=1)
+    sup.wait_for(lambda: len(sample_results(workdir)) == before + count, timeout, what)
 
 
 def run_plan(start: Callable[..., Supervisor], env: dict[str, str],
