@@ -46,7 +46,7 @@ class _IdleContext:
 def local_cost_ms(runs: int) -> float:
     """Milliseconds per ProgramHandler run of `true` in this process: the program's share alone, no queue."""
     from worker.message import Message
-    from worker.program import ProgramHandler
+    from worker.programs.runner import ProgramHandler
 
     handler = ProgramHandler(["true"], signal.SIGTERM, 0.0)
     message = Message("local", "body", 1, None)

@@ -10,11 +10,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from supervisor import poison_cli
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
+from supervisor.ops import poison_cli
 from worker.handler import HandlerImportError, describe_workload
-from worker.logs import is_journal_stream, setup_logging
 from worker.settings import ConfigError
+from worker.telemetry.logs import is_journal_stream, setup_logging
 
 log = logging.getLogger("supervisor")
 
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> int:
     from azure.core.exceptions import AzureError
 
-    from supervisor.enqueue import EnqueueError, run_enqueue
-    from worker.queue_client import describe
+    from supervisor.ops.enqueue import EnqueueError, run_enqueue
+    from worker.queue.client import describe
 
     try:
         return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
@@ -133,9 +133,9 @@ def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> i
 
 
 def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
-    from supervisor.imds import ImdsError, fetch_instance_info
-    from supervisor.planning import INSTANCE_TIMEOUT_S
-    from supervisor.prices import PricesError, get_quote
+    from supervisor.ops.prices import PricesError, get_quote
+    from supervisor.vm.imds import ImdsError, fetch_instance_info
+    from supervisor.vm.planning import INSTANCE_TIMEOUT_S
 
     if not (sku and region):
         if settings.events.source != "azure":
@@ -160,8 +160,8 @@ def print_prices(settings: SupervisorSettings, sku: str | None, region: str | No
 
 
 def print_plan(settings: SupervisorSettings, as_json: bool) -> int:
-    from supervisor.planning import make_plan, read_vm_facts
-    from supervisor.sizing import format_plan
+    from supervisor.vm.planning import make_plan, read_vm_facts
+    from supervisor.vm.sizing import format_plan
 
     facts = read_vm_facts(settings)
     plan = make_plan(settings, facts)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.prices import DEFAULT_PRICES_ENDPOINT
+from supervisor.ops.prices import DEFAULT_PRICES_ENDPOINT
 from worker.settings import (
     DAY_S,
     HOUR_S,

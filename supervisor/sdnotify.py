@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 
-from worker.text import one_line  # a newline would end the STATUS= field and start a bogus one
+from worker.common.text import one_line  # a newline would end the STATUS= field and start a bogus one
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,17 @@ import logging
 import sys
 
 from supervisor import sdnotify
-from supervisor.arbiter import Arbiter
 from supervisor.build_info import describe_build
 from supervisor.config import SupervisorSettings, load_supervisor_settings
-from supervisor.cost import CostTracker
-from supervisor.event_watcher import EventWatcher
-from supervisor.planning import VmFacts, make_plan, read_vm_facts
-from supervisor.scheduled_events import AzureScheduledEvents
-from supervisor.sizing import Plan
+from supervisor.events.azure import AzureScheduledEvents
+from supervisor.events.watcher import EventWatcher
+from supervisor.ops.cost import CostTracker
+from supervisor.pool.arbiter import Arbiter
+from supervisor.vm.planning import VmFacts, make_plan, read_vm_facts
+from supervisor.vm.sizing import Plan
 from worker.handler import describe_workload
-from worker.program import resolve_command
-from worker.telemetry import setup_telemetry
+from worker.programs.runner import resolve_command
+from worker.telemetry.providers import setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         log.info("plan: %s", reason)
     log.info("workload: %s", describe_workload(settings.workload))
     if settings.startup.wait_for_provisioning:
-        from supervisor.provisioning import ProvisioningTimeout
+        from supervisor.vm.provisioning import ProvisioningTimeout
 
         try:
             wait_until_provisioned(settings, facts)
@@ -76,7 +76,7 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
 
 
 def wait_until_provisioned(settings: SupervisorSettings, facts: VmFacts) -> None:
-    from supervisor.provisioning import wait_for_provisioning
+    from supervisor.vm.provisioning import wait_for_provisioning
 
     if facts.instance is None or not facts.instance.resource_id:
         log.warning("startup.wait_for_provisioning: no resourceId from instance metadata; starting without the gate")

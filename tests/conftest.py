@@ -22,7 +22,7 @@ from testsupport.handlers import RECORD_ENV
 from testsupport.harness import SAMPLE_RESULTS, Supervisor, child_env
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings, TelemetrySettings
-from worker.telemetry import Telemetry, setup_telemetry
+from worker.telemetry.providers import Telemetry, setup_telemetry
 
 
 @pytest.fixture(scope="session")

@@ -523,5 +523,5 @@ def test_run_never_imports_the_imds_simulator(azurite: Azurite, queue_name: str,
     sup.send(signal.SIGTERM)
     assert sup.wait(20) == 0
     imported = [line.rsplit("|", 1)[1].strip() for line in sup.log().splitlines() if line.startswith("import time:")]
-    assert "supervisor.service" in imported and "worker.consumer" in imported  # the log does show the run path
+    assert "supervisor.service" in imported and "worker.queue.consumer" in imported  # the log does show the run path
     assert [name for name in imported if name.startswith("supervisor.simulator") or name == "http.server"] == []

@@ -30,7 +30,7 @@ from worker.message import (
     UndecodableMessage,
     text_size,
 )
-from worker.poisoned import read_poisoned
+from worker.queue.poisoned import read_poisoned
 from worker.runtime import WorkerRuntime
 
 

@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
-from supervisor import eviction
 from supervisor.config import DEFAULT_DRAIN_ON, EventsSettings
-from supervisor.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
-from supervisor.scheduled_events import (
+from supervisor.events import eviction
+from supervisor.events.azure import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
 )
+from supervisor.events.eviction import EvictionNotice, EvictionPolicy, NoticeWithdrawn
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.harness import AZURE_FIXTURES
 
@@ -98,7 +98,7 @@ def test_started_preempt_drains_with_a_short_deadline(served) -> None:
 
 
 def test_freeze_is_logged_only_by_default(served, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="supervisor.eviction"):
+    with caplog.at_level(logging.INFO, logger="supervisor.events.eviction"):
         assert observe_fixture(served, "scheduledevents-freeze-short.json") == []
     assert "Freeze F4EE2E00-2222-4333-8444-555566667777" in caplog.text
 
@@ -250,7 +250,7 @@ def test_vm_names_compare_case_insensitively() -> None:
 def test_other_vms_events_are_logged_once_per_incarnation(caplog: pytest.LogCaptureFixture) -> None:
     p = policy(ack="always")
     other = event("O1", resources=("other-vm",))
-    with caplog.at_level(logging.INFO, logger="supervisor.eviction"):
+    with caplog.at_level(logging.INFO, logger="supervisor.events.eviction"):
         for _ in range(3):
             assert p.observe(doc(5, other), NOW) == []
         assert sum("O1" in r.getMessage() for r in caplog.records) == 1

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from nvidia_smi_standin import FIXTURES, install, query_output, uuids
 
-from supervisor import gpus as gpus_module
 from supervisor.config import ConfigError, ScalingSettings, load_supervisor_settings
-from supervisor.gpus import Gpu, GpuToolError, discover_gpus, gpu_attributes, only_visible, parse_nvidia_smi_csv, pin_to_gpu
-from supervisor.sizing import Resources, compute_plan, format_plan
+from supervisor.vm import gpus as gpus_module
+from supervisor.vm.gpus import Gpu, GpuToolError, discover_gpus, gpu_attributes, only_visible, parse_nvidia_smi_csv, pin_to_gpu
+from supervisor.vm.sizing import Resources, compute_plan, format_plan
 
 H100 = "NVIDIA H100 NVL"
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from supervisor.imds import ImdsError, InstanceInfo, fetch_instance_info, parse_instance
 from supervisor.simulator.server import ImdsSimulator
+from supervisor.vm.imds import ImdsError, InstanceInfo, fetch_instance_info, parse_instance
 from testsupport.harness import AZURE_FIXTURES, REPO
 from testsupport.net import free_port, wait_for_port
 from testsupport.waiting import wait_until

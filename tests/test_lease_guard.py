@@ -18,9 +18,9 @@ from testsupport.handlers import RECORD_ENV, read_records
 from testsupport.harness import RECORD_HANDLER, Supervisor, child_env
 from testsupport.queues import message_count, peek_texts
 from testsupport.waiting import wait_until
-from worker.lease import Lease
-from worker.lease_slots import LeaseSlots
 from worker.message import Codec, Envelope
+from worker.queue.lease import Lease
+from worker.queue.lease_slots import LeaseSlots
 
 
 def record_env(azurite: Azurite, queue_name: str, record: Path, **spot: str) -> dict[str, str]:

@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 
 from supervisor.build_info import describe_build, package_version
-from worker.logs import JournalFormatter, sd_priority
+from worker.telemetry.logs import JournalFormatter, sd_priority
 
 REPO = Path(__file__).resolve().parent.parent
 
 EMIT = """
 import logging, sys
-from worker.logs import setup_logging
+from worker.telemetry.logs import setup_logging
 setup_logging("INFO", "worker-3")
-log = logging.getLogger("worker.consumer")
+log = logging.getLogger("worker.queue.consumer")
 log.info("plain news")
 log.warning("lease lost")
 try:
@@ -51,8 +51,8 @@ def test_under_journald_every_line_carries_its_priority_and_no_timestamp(tmp_pat
     lines = emit(tmp_path, journal=True)
     pid = re.match(r"<6>worker-3\[(\d+)\] ", lines[0])
     assert pid, lines
-    assert lines[0] == f"<6>worker-3[{pid.group(1)}] worker.consumer: plain news"
-    assert lines[1] == f"<4>worker-3[{pid.group(1)}] worker.consumer: lease lost"
+    assert lines[0] == f"<6>worker-3[{pid.group(1)}] worker.queue.consumer: plain news"
+    assert lines[1] == f"<4>worker-3[{pid.group(1)}] worker.queue.consumer: lease lost"
     assert lines[2].startswith("<3>worker-3[") and lines[2].endswith("handler failed")
     traceback = lines[3:]
     assert traceback[0] == "<3>Traceback (most recent call last):" and traceback[-1] == "<3>ValueError: boom"

@@ -251,7 +251,7 @@ def test_upgrade_installs_beside_keeps_the_config_and_switches_current(
     assert config.read_text() == edited
     assert (package_v2 / "requirements.txt").read_text().splitlines() == [
         f"spot-supervisor=={VERSION_2}", "spot_test_handler==1.0"]
-    run(opt / "current" / "bin" / "python", "-c", "import spot_test_handler, supervisor.provisioning")
+    run(opt / "current" / "bin" / "python", "-c", "import spot_test_handler, supervisor.vm.provisioning")
     plan = run(opt / "current" / "bin" / "spot-supervisor", "plan", "--config", config,
                env=clean_env(SPOT_EVENTS_SOURCE="none"))
     assert "workers" in plan.stdout

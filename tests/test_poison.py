@@ -18,7 +18,7 @@ from testsupport.azurite import Azurite
 from testsupport.harness import RECORD_HANDLER, child_env
 from testsupport.waiting import wait_until
 from worker.message import MAX_MESSAGE_BYTES
-from worker.poisoned import POISON_MARKER, poisoned_text, read_poisoned
+from worker.queue.poisoned import POISON_MARKER, poisoned_text, read_poisoned
 
 _SCRIPT = Path(sys.executable).with_name("spot-supervisor")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor"]

@@ -20,15 +20,15 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from supervisor.cost import CostTracker
-from supervisor.metrics import SupervisorMetrics
-from supervisor.prices import PriceQuote, PricesError, fetch_quote, quote_from_items, read_cached, write_cache
+from supervisor.ops.cost import CostTracker
+from supervisor.ops.prices import PriceQuote, PricesError, fetch_quote, quote_from_items, read_cached, write_cache
+from supervisor.pool.metrics import SupervisorMetrics
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.azurite import Azurite
 from testsupport.harness import AZURE_FIXTURES, child_env
 from testsupport.net import free_port
 from testsupport.waiting import wait_until
-from worker.backoff import Backoff
+from worker.common.backoff import Backoff
 
 SKU, REGION = "Standard_D4s_v5", "westeurope"
 SPOT, ON_DEMAND = 0.0414, 0.23  # the Linux rows of retail-prices-page1.json

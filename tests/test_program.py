@@ -25,7 +25,7 @@ from testsupport.harness import REPO, SPAWNED, SUPERVISOR, Supervisor, child_env
 from testsupport.queues import message_count, visible_ids
 from testsupport.waiting import wait_until
 from worker.message import Codec
-from worker.poisoned import read_poisoned
+from worker.queue.poisoned import read_poisoned
 
 PROGRAMS = REPO / "tests" / "programs"
 EXAMPLE = REPO / "examples" / "render_frames.sh"

@@ -21,16 +21,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from supervisor.provisioning import (
+from supervisor.simulator.server import ImdsSimulator
+from supervisor.vm.provisioning import (
     ARM_API_VERSION,
     ProvisioningTimeout,
     resource_url,
     wait_for_provisioning,
 )
-from supervisor.simulator.server import ImdsSimulator
 from testsupport.azurite import Azurite
 from testsupport.harness import child_env
-from worker.backoff import Backoff, exponential_delay
+from worker.common.backoff import Backoff, exponential_delay
 
 VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/spot-1"
 VMSS_VM_ID = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/pool/virtualMachines/3"

@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
 from testsupport.harness import worker_settings
-from worker.queue_client import make_queue_client
+from worker.queue.client import make_queue_client
 
 
 class ForwardingProxy(ThreadingHTTPServer):

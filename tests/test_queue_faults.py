@@ -24,9 +24,9 @@ from testsupport.proxy import FaultProxy
 from testsupport.waiting import wait_until
 from worker import context as context_module
 from worker.context import Context, StopSignal
-from worker.lease import Lease
 from worker.message import Codec, Envelope
-from worker.poisoned import read_poisoned
+from worker.queue.lease import Lease
+from worker.queue.poisoned import read_poisoned
 from worker.runtime import WorkerRuntime
 
 

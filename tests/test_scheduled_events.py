@@ -13,19 +13,19 @@ import httpx
 import pytest
 
 from supervisor.config import EventsSettings
-from supervisor.event_watcher import EventWatcher
-from supervisor.eviction import Decision, EvictionNotice, NoticeWithdrawn
-from supervisor.imds import ImdsError
-from supervisor.scheduled_events import (
+from supervisor.events.azure import (
     AzureScheduledEvents,
     EventsDocument,
     ScheduledEvent,
     parse_document,
 )
+from supervisor.events.eviction import Decision, EvictionNotice, NoticeWithdrawn
+from supervisor.events.watcher import EventWatcher
 from supervisor.simulator.server import ImdsSimulator
+from supervisor.vm.imds import ImdsError
 from testsupport.harness import AZURE_FIXTURES
 from testsupport.net import free_port
-from worker.backoff import Backoff
+from worker.common.backoff import Backoff
 
 VM = "vm-spot-07"
 

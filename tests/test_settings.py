@@ -291,8 +291,8 @@ def test_plan_imports_no_consumer_code(tmp_path: Path) -> None:
     probe = ("import sys\n"
              "from supervisor import cli\n"
              "code = cli.main(['plan', '--json'])\n"
-             "heavy = sorted(m for m in sys.modules if m in ('worker.process', 'worker.runtime', 'worker.consumer',\n"
-             "               'worker.queue_client', 'worker.lease', 'supervisor.arbiter') or m.startswith('azure.storage'))\n"
+             "heavy = sorted(m for m in sys.modules if m in ('worker.process', 'worker.runtime', 'worker.queue.consumer',\n"
+             "               'worker.queue.client', 'worker.queue.lease', 'supervisor.pool.arbiter') or m.startswith('azure.storage'))\n"
              "print('LOADED', heavy, file=sys.stderr)\n"
              "sys.exit(code)\n")
     result = subprocess.run([sys.executable, "-c", probe], env=_clean_env(), cwd=tmp_path,

@@ -20,11 +20,11 @@ from testsupport.harness import worker_settings
 from testsupport.proxy import FaultProxy
 from testsupport.queues import message_count
 from testsupport.waiting import wait_until
-from worker.consumer import Consumer
-from worker.lease import LeaseState
+from worker.queue.consumer import Consumer
+from worker.queue.lease import LeaseState
+from worker.queue.settle import Settler
 from worker.runtime import WorkerRuntime
 from worker.settings import QueueSettings, Settings
-from worker.settle import Settler
 
 
 @pytest.fixture

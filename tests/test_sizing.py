@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor import sizing
 from supervisor.config import ScalingSettings
-from supervisor.sizing import Plan, Resources, compute_plan, format_plan, read_resources
+from supervisor.vm import sizing
+from supervisor.vm.sizing import Plan, Resources, compute_plan, format_plan, read_resources
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
@@ -199,7 +199,7 @@ def test_real_child_with_one_cpu(tmp_path: Path) -> None:
     write_tree(root, {"svc/cpu.max": "200000 100000"})
     env = {**os.environ, "SPOT_CGROUP_ROOT": str(root),
            "SPOT_PROC_SELF_CGROUP": str(proc_cgroup(tmp_path, "0::/svc\n")), "PYTHONPATH": str(REPO)}
-    code = "import json; from supervisor.sizing import read_resources; print(json.dumps(read_resources().to_dict()))"
+    code = "import json; from supervisor.vm.sizing import read_resources; print(json.dumps(read_resources().to_dict()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     data = json.loads(out.stdout)

@@ -1,4 +1,4 @@
-"""worker.telemetry against a real local HTTP ingestion endpoint (the exporter's real HTTP calls)."""
+"""worker.telemetry.providers against a real local HTTP ingestion endpoint (the exporter's real HTTP calls)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from supervisor.metrics import SupervisorMetrics
+from supervisor.pool.metrics import SupervisorMetrics
 from worker.settings import ConfigError, TelemetrySettings
-from worker.telemetry import Telemetry, setup_telemetry
+from worker.telemetry.providers import Telemetry, setup_telemetry
 
 IKEY = "00000000-0000-0000-0000-000000000000"
 
@@ -227,7 +227,7 @@ def test_set_up_after_fork_exports_from_the_child(ingestion: Ingestion) -> None:
 
 
 def test_gpu_of_a_worker_is_on_its_spans_and_metric_points(ingestion: Ingestion) -> None:
-    from supervisor.gpus import Gpu, gpu_attributes
+    from supervisor.vm.gpus import Gpu, gpu_attributes
 
     gpu = gpu_attributes(Gpu(2, "GPU-5b1c2d3e-aaaa-bbbb-cccc-000000000002", "NVIDIA H100 NVL", 95830))
     settings = TelemetrySettings(connection_string=ingestion.connection_string, service_name="spot-test")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.arbiter import Arbiter
 from supervisor.config import EventsSettings, SupervisorSettings
-from supervisor.drain import DrainPhase
-from supervisor.event_watcher import EventWatcher
-from supervisor.scheduled_events import EventsDocument
-from supervisor.sizing import Plan
+from supervisor.events.azure import EventsDocument
+from supervisor.events.watcher import EventWatcher
+from supervisor.pool.arbiter import Arbiter
+from supervisor.pool.drain import DrainPhase
+from supervisor.vm.sizing import Plan
 from worker.settings import TelemetrySettings
-from worker.telemetry import setup_telemetry
+from worker.telemetry.providers import setup_telemetry
 
 
 class FatalSource:

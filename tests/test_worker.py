@@ -31,16 +31,16 @@ from testsupport.harness import RECORD_HANDLER, REPO, child_env, worker_settings
 from testsupport.queues import b64_client, message_count, peek_opened, peek_texts, poisoned_originals
 from testsupport.requestlog import RequestLog
 from testsupport.waiting import wait_until
-from worker.consumer import Consumer, Shared, release_pending
-from worker.lease import Lease
 from worker.message import Codec, Envelope
-from worker.poisoned import read_poisoned
-from worker.queue_client import make_queue_client
+from worker.queue.client import make_queue_client
+from worker.queue.consumer import Consumer, Shared, release_pending
+from worker.queue.lease import Lease
+from worker.queue.poisoned import read_poisoned
 from worker.runtime import WorkerRuntime
 from worker.settings import (
     QueueSettings,
 )
-from worker.telemetry import Telemetry
+from worker.telemetry.providers import Telemetry
 
 HANDLER = RECORD_HANDLER
 

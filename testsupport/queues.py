@@ -9,7 +9,7 @@ from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64E
 
 from testsupport.azurite import Azurite
 from worker.message import Codec, Envelope
-from worker.poisoned import read_poisoned
+from worker.queue.poisoned import read_poisoned
 
 
 def message_count(client: QueueClient) -> int:

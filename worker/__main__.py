@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from worker.logs import setup_logging
 from worker.process import WorkerProcess
 from worker.settings import ConfigError, load_settings
-from worker.telemetry import setup_telemetry
+from worker.telemetry.logs import setup_logging
+from worker.telemetry.providers import setup_telemetry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from worker.backoff import Backoff
-from worker.lease import Lease
+from worker.common.backoff import Backoff
 from worker.message import (
     MAX_MESSAGE_BYTES,
     MAX_STATE_DEPTH,
@@ -20,7 +19,8 @@ from worker.message import (
     json_depth,
     text_size,
 )
-from worker.queue_client import describe
+from worker.queue.client import describe
+from worker.queue.lease import Lease
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from worker.common.text import one_line
 from worker.settings import WorkloadSettings
-from worker.text import one_line
 
 Handler = Callable[..., Any]
 
@@ -39,7 +39,7 @@ def load_workload(workload: WorkloadSettings) -> Handler:
     """The handler to call per message: a program when workload.command is set (workload.handler is then
     ignored), else the Python callable. Raises HandlerImportError when it cannot run."""
     if workload.command:
-        from worker.program import ProgramHandler
+        from worker.programs.runner import ProgramHandler
 
         return ProgramHandler.from_settings(workload)
     return load_handler(workload.handler)

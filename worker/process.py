@@ -17,10 +17,10 @@ from typing import Any
 
 from worker.control import Channel, Kind
 from worker.handler import HandlerImportError
-from worker.lease_slots import LeaseSlots
+from worker.queue.lease_slots import LeaseSlots
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
-from worker.telemetry import Telemetry
+from worker.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
 

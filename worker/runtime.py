@@ -7,14 +7,14 @@ import threading
 import time
 from typing import Any
 
-from worker.consumer import Consumer, Shared, release_all, release_pending
 from worker.handler import load_workload
-from worker.lease import LeaseKeeper
-from worker.lease_slots import LeaseSlots
 from worker.message import Codec
-from worker.program import ProgramHandler
+from worker.programs.runner import ProgramHandler
+from worker.queue.consumer import Consumer, Shared, release_all, release_pending
+from worker.queue.lease import LeaseKeeper
+from worker.queue.lease_slots import LeaseSlots
 from worker.settings import Settings
-from worker.telemetry import Telemetry
+from worker.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -303,7 +303,7 @@ _STOP_SIGNALS = frozenset(s.name for s in signal.Signals if s.name.startswith("S
 
 
 def _validate_command(command: str) -> None:
-    """Syntax only; whether the program exists is checked when the service starts (worker.program)."""
+    """Syntax only; whether the program exists is checked when the service starts (worker.programs.runner)."""
     if not command:
         return
     try:

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from supervisor.imds import is_json_int
 from supervisor.simulator.state import BadRequest, Fault, ImdsState
+from supervisor.vm.imds import is_json_int
 
 log = logging.getLogger("supervisor.simulator")
 

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from supervisor.imds import is_json_int
+from supervisor.vm.imds import is_json_int
 
 FAULT_MODES = ("500", "410", "429", "slow", "garbage", "reset")
 SUBSCRIPTION_ID = "00000000-0000-0000-0000-000000000000"

@@ -1,0 +1,1 @@
+"""Interruption notices: the watcher thread, the eviction policy, one module per notice source."""

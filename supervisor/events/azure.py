@@ -1,0 +1,167 @@
+"""Azure Scheduled Events: the document and the HTTP client (the watcher thread is in event_watcher)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import httpx
+
+from supervisor.vm.imds import ImdsError, is_json_int, load_json, send, status_error
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2020-07-01"
+# Azure enables Scheduled Events for the VM on the first call, which can take
+# up to two minutes to answer.
+FIRST_REQUEST_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ScheduledEvent:
+    event_id: str
+    event_type: str
+    status: str
+    resources: tuple[str, ...]
+    not_before: datetime | None  # aware UTC; None once Started (NotBefore "")
+    source: str
+    duration_s: int
+    description: str
+
+
+@dataclass(frozen=True)
+class EventsDocument:
+    incarnation: int
+    events: tuple[ScheduledEvent, ...]
+    # One line per event that could not be read (skipped) or read only in part; the rest still counts.
+    problems: tuple[str, ...] = ()
+
+
+def parse_document(raw: bytes | str) -> EventsDocument:
+    data = load_json(raw, "scheduled events")
+    if not isinstance(data, dict):
+        raise ImdsError(f"scheduled events: expected a JSON object, got {type(data).__name__}")
+    incarnation = data.get("DocumentIncarnation")
+    if not is_json_int(incarnation):
+        raise ImdsError(f"scheduled events: DocumentIncarnation must be an integer, got {incarnation!r}")
+    events = data.get("Events")
+    if not isinstance(events, list):
+        raise ImdsError(f"scheduled events: Events must be a list, got {events!r:.80}")
+    # One event that cannot be read must not hide the others (a Preempt for this VM beside a
+    # malformed event for a neighbour): each is read on its own.
+    parsed: list[ScheduledEvent] = []
+    problems: list[str] = []
+    for index, item in enumerate(events):
+        try:
+            parsed.append(_parse_event(index, item, problems))
+        except ImdsError as exc:
+            problems.append(f"{exc}; event skipped")
+    return EventsDocument(incarnation=incarnation, events=tuple(parsed), problems=tuple(problems))
+
+
+def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
+    """Raises ImdsError when a field that decides what to do cannot be read; the others fall back to
+    a default, with a line in `problems`."""
+    where = f"scheduled events: Events[{index}]"
+    if not isinstance(item, dict):
+        raise ImdsError(f"{where}: expected an object, got {item!r:.80}")
+
+    def field(key: str, kind: type, default: Any = None) -> Any:
+        if key not in item:
+            if default is None:
+                raise ImdsError(f"{where}: missing {key}")
+            return default
+        value = item[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            if default is None:
+                raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
+            problems.append(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}; read as {default!r}")
+            return default
+        return value
+
+    event_id = field("EventId", str)
+    where = f"{where} ({event_id})"
+    resources = field("Resources", list)
+    if not all(isinstance(r, str) for r in resources):
+        raise ImdsError(f"{where}: Resources must be a list of strings, got {resources!r:.80}")
+    try:
+        not_before = _parse_not_before(where, field("NotBefore", str))
+    except ImdsError as exc:  # read as "no NotBefore": drained for at once, the careful reading
+        problems.append(f"{exc}; read as due now")
+        not_before = None
+    return ScheduledEvent(
+        event_id=event_id,
+        event_type=field("EventType", str),
+        status=field("EventStatus", str),
+        resources=tuple(resources),
+        not_before=not_before,
+        source=field("EventSource", str, ""),
+        duration_s=field("DurationInSeconds", int, -1),
+        description=field("Description", str, ""),
+    )
+
+
+def _parse_not_before(where: str, text: str) -> datetime | None:
+    if not text.strip():
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        raise ImdsError(f"{where}: NotBefore is not an RFC 1123 date: {text!r:.80}") from None
+    if when.tzinfo is None:  # "-0000" means UTC in RFC 2822 terms
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
+
+
+class EventSource(Protocol):
+    """Where eviction notices come from (Azure now; AWS/GCP spot notices later)."""
+
+    def poll(self) -> EventsDocument:
+        """The current document; raises ImdsError on any failure."""
+        ...
+
+    def acknowledge(self, event_id: str) -> None:
+        """Approve the event so it starts now; raises ImdsError on failure."""
+        ...
+
+
+class AzureScheduledEvents:
+    def __init__(self, endpoint: str, request_timeout_s: float,
+                 first_request_timeout_s: float = FIRST_REQUEST_TIMEOUT_S) -> None:
+        self.url = f"{endpoint.rstrip('/')}/metadata/scheduledevents"
+        self._params = {"api-version": API_VERSION}
+        self._request_timeout_s = request_timeout_s
+        self._first_request_timeout_s = max(first_request_timeout_s, request_timeout_s)
+        self._succeeded = False
+        self._client = httpx.Client(trust_env=False)
+
+    def poll(self) -> EventsDocument:
+        timeout = self._request_timeout_s if self._succeeded else self._first_request_timeout_s
+        response = send(self._client, "GET", self.url, params=self._params, timeout=timeout)
+        if response.status_code != 200:
+            raise status_error("GET", self.url, response)
+        document = parse_document(response.content)
+        self._succeeded = True
+        return document
+
+    def acknowledge(self, event_id: str) -> None:
+        # Serialised by hand so the body is byte-for-byte the documented one.
+        body = json.dumps({"StartRequests": [{"EventId": event_id}]}).encode()
+        response = send(self._client, "POST", self.url, params=self._params, content=body,
+                        headers={"Content-Type": "application/json"}, timeout=self._request_timeout_s)
+        if not 200 <= response.status_code < 300:
+            raise status_error("POST", self.url, response)
+        log.info("acknowledged scheduled event %s", event_id)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AzureScheduledEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

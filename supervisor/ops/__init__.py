@@ -1,0 +1,1 @@
+"""Operator tools: prices and cost, the poison queue, enqueue."""

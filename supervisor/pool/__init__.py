@@ -1,0 +1,1 @@
+"""Process management: the Arbiter and its worker pool, drain state, leases held for workers, strays."""

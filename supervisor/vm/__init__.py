@@ -1,0 +1,1 @@
+"""What this VM is and what it can run: instance metadata, provisioning, GPUs, sizing."""
