@@ -15,6 +15,7 @@ from testsupport.proxy import FaultProxy
 
 class _Hello(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    deletes = 0
 
     def do_GET(self) -> None:  # noqa: N802
         body = b"hello"
@@ -22,6 +23,12 @@ class _Hello(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        _Hello.deletes += 1
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -81,3 +88,20 @@ def test_fault_rate_hits_only_a_share_of_requests(server_port: int) -> None:
         assert 0 < statuses.count(503) < 40
         assert statuses.count(503) == proxy.stats.faults["http503"]
         assert set(statuses) == {200, 503}
+
+
+def test_lost_mode_forwards_the_request_but_never_answers(server_port: int) -> None:
+    """A request whose response is lost reached the server; the client hears nothing until the stall ends.
+    Narrowed to DELETE, a GET on the same proxy passes."""
+    _Hello.deletes = 0
+    with FaultProxy(server_port, stall_s=1.5) as proxy:
+        proxy.set_fault("lost", methods=("DELETE",))
+        assert _get(proxy.port) == (200, b"hello")
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        started = time.monotonic()
+        conn.request("DELETE", "/")
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            conn.getresponse()
+        assert time.monotonic() - started >= 1.4
+        assert _Hello.deletes == 1
+        assert proxy.stats.faults["lost"] == 1

@@ -41,14 +41,14 @@ class ArmedProxy(FaultProxy):
         with self._lock:
             self._armed.extend([mode] * n)
 
-    def _draw_fault(self) -> str:
+    def _draw_fault(self, first_bytes: bytes) -> str:
         with self._lock:
             if self._armed:
                 mode = self._armed.pop(0)
                 self.stats.requests += 1
                 self.stats.faults[mode] += 1
                 return mode
-        return super()._draw_fault()
+        return super()._draw_fault(first_bytes)
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@ Faults (`mode`, applied to a share `fault_rate` of requests, 1.0 = all):
   stall     nothing forwarded; the connection is held `stall_s`, then closed
   garbage   the client gets bytes that are not HTTP, then the connection closes
   http503   the client gets `HTTP/1.1 503 Server Busy`, nothing forwarded
+  lost      forwarded (the server acts on it), but the response never comes: the client's
+            connection stays silent `stall_s`, then closes (a lost response, a hung call)
+
+`methods` narrows the faults to requests with those HTTP methods (e.g. ("DELETE",)); the
+others pass untouched and are not counted as drawn.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
 
-MODES = ("pass", "reset", "stall", "garbage", "http503")
+MODES = ("pass", "reset", "stall", "garbage", "http503", "lost")
 _GARBAGE = b"\x00\xff garbage \x13\x37 not http at all \xfe\r\n\r\n"
 _BUSY = (b"HTTP/1.1 503 Server Busy\r\nContent-Type: application/xml\r\nContent-Length: 0\r\n"
          b"x-ms-error-code: ServerBusy\r\nConnection: close\r\n\r\n")
@@ -41,14 +46,16 @@ class ProxyStats:
 
 class FaultProxy:
     def __init__(self, target_port: int, *, delay_s: float = 0.0, mode: str = "pass", fault_rate: float = 1.0,
-                 stall_s: float = 30.0, seed: int | None = None, target_host: str = "127.0.0.1") -> None:
+                 stall_s: float = 30.0, seed: int | None = None, target_host: str = "127.0.0.1",
+                 methods: tuple[str, ...] | None = None) -> None:
         self.target = (target_host, target_port)
         self.delay_s = delay_s
         self.stall_s = stall_s
         self.stats = ProxyStats()
         self._mode = "pass"
         self._fault_rate = 1.0
-        self.set_fault(mode, fault_rate)
+        self._methods: tuple[bytes, ...] | None = None
+        self.set_fault(mode, fault_rate, methods)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -67,12 +74,13 @@ class FaultProxy:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-    def set_fault(self, mode: str, fault_rate: float = 1.0) -> None:
+    def set_fault(self, mode: str, fault_rate: float = 1.0, methods: tuple[str, ...] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be within [0, 1], got {fault_rate}")
         self._mode, self._fault_rate = mode, fault_rate
+        self._methods = tuple(m.upper().encode() + b" " for m in methods) if methods else None
 
     def stop(self) -> None:
         """Close the listener and every open connection (the clients see them end)."""
@@ -95,10 +103,12 @@ class FaultProxy:
         with self._lock:
             self._sockets.add(sock)
 
-    def _draw_fault(self) -> str:
+    def _draw_fault(self, first_bytes: bytes) -> str:
         with self._lock:
             self.stats.requests += 1
             mode = self._mode
+            if self._methods is not None and not first_bytes.startswith(self._methods):
+                return "pass"
             if mode != "pass" and self._rng.random() < self._fault_rate:
                 self.stats.faults[mode] += 1
                 return mode
@@ -129,6 +139,7 @@ class _Connection:
         self.upstream = upstream
         self.awaiting_response = False
         self.response_started = threading.Event()
+        self.swallowing = False  # a "lost" fault: responses are dropped until the connection is closed
 
     def pump_requests(self) -> None:
         try:
@@ -137,8 +148,11 @@ class _Connection:
                 if not data:
                     break
                 if not self.awaiting_response:  # the first bytes of a new request
-                    fault = self.proxy._draw_fault()
-                    if fault != "pass":
+                    fault = self.proxy._draw_fault(data)
+                    if fault == "lost":
+                        self.swallowing = True
+                        threading.Thread(target=self._close_after_stall, name="fault-proxy-lost", daemon=True).start()
+                    elif fault != "pass":
                         self._inject(fault)
                         return
                     self.awaiting_response = True
@@ -154,6 +168,8 @@ class _Connection:
                 data = self.upstream.recv(65536)
                 if not data:
                     break
+                if self.swallowing:
+                    continue
                 if self.awaiting_response:  # the first bytes of this request's response
                     self.awaiting_response = False
                     if self.proxy.delay_s > 0:
@@ -163,6 +179,11 @@ class _Connection:
             pass
         finally:
             _close(self.client)
+
+    def _close_after_stall(self) -> None:
+        self.proxy._closing.wait(self.proxy.stall_s)
+        _close(self.client)
+        _close(self.upstream)
 
     def _inject(self, fault: str) -> None:
         if fault == "reset":
