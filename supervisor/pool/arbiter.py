@@ -28,6 +28,8 @@ from worker.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
 
+GIVE_BACK_AT_EXIT_S = 5.0  # at exit, how long a give-back of a dead worker's messages under way may still take
+
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
 
@@ -330,7 +332,7 @@ class Arbiter(WorkerPool):
             time.sleep(0.02)
             self.reap_workers()
         strays.sweep(self.workers)
-        self.lease_guard.stop()
+        self.lease_guard.stop(wait_s=GIVE_BACK_AT_EXIT_S)
         extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
         log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
 

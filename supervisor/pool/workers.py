@@ -162,8 +162,8 @@ class WorkerPool:
             for message in handle.channel.receive():  # its last words, e.g. the drained counts
                 self.on_worker_message(handle, message)
             handle.channel.close()
-            # What it still held (killed at the deadline, or crashed) goes back now; cut short by a drain, as a
-            # release. What it started is killed first, so nothing still works on a message given back.
+            # What it still held (killed at the deadline, or crashed) goes back now, off this loop; cut short by a
+            # drain, as a release. What it started is killed first, so nothing still works on a message given back.
             strays.sweep(self.workers)
             self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.drain_state is not None)
             self.worker_stopped_receiving(pid, None)
