@@ -96,6 +96,7 @@ class Arbiter:
             self.pool.sweep_strays()
             if self.pool.exit_code is not None:  # workers cannot start with this configuration
                 self.exit_code = self.pool.exit_code
+            if self.exit_code is not None:
                 break
             self.check_watcher()
             self.pool.check_liveness()
