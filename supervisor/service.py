@@ -1,4 +1,4 @@
-"""`spot-supervisor run` and `plan`: settings → VM facts → plan → arbiter."""
+"""`spot-supervisor run`: settings → VM facts → plan → arbiter (`plan` itself is cli.print_plan)."""
 
 from __future__ import annotations
 

@@ -243,6 +243,16 @@ def test_acknowledge_rule(resources: tuple[str, ...], ack: str, expected: bool) 
     assert drain.acknowledge is expected
 
 
+@pytest.mark.parametrize("resources,ack,status,why", [
+    ((VM,), "sole", "Scheduled", ""), ((VM, "other-vm"), "sole", "Scheduled", "other VMs are listed"),
+    ((VM,), "never", "Scheduled", 'events.ack is "never"'), ((VM,), "always", "Started", "already started"),
+])
+def test_a_notice_carries_why_it_is_not_acknowledged(resources: tuple[str, ...], ack: str, status: str, why: str) -> None:
+    (drain,) = policy(ack=ack).observe(doc(1, event(resources=resources, status=status)), NOW)
+    assert drain.acknowledge is (not why)
+    assert (why in drain.not_acknowledged_because) if why else drain.not_acknowledged_because == ""
+
+
 def test_vm_names_compare_case_insensitively() -> None:
     assert len(policy().observe(doc(1, event(resources=("VM-SPOT-07",))), NOW)) == 1
 

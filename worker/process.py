@@ -15,6 +15,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from worker.common.wake_pipe import WakePipe
 from worker.control import Channel, Kind
 from worker.handler import HandlerImportError
 from worker.queue.lease_slots import LeaseSlots
@@ -37,14 +38,13 @@ class WorkerProcess:
         self.channel = channel
         self.parent_pid = parent_pid
         self.signals: list[int] = []
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake = WakePipe()
 
     def _record_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
 
     def install_signals(self) -> None:
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w)
+        signal.set_wakeup_fd(self._wake.write_fd)
         for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
             signal.signal(sig, self._record_signal)
         if self.channel is not None:
@@ -94,19 +94,15 @@ class WorkerProcess:
                 next_stats = now + STATS_INTERVAL_S
 
     def _wait_for_input(self, runtime: WorkerRuntime) -> None:
-        readable: list[int] = [self._wake_r]
+        readable: list[int] = [self._wake.read_fd]
         if self.channel is not None and not self.channel.closed:
             readable.append(self.channel.fileno())
         timeout = 0.05 if runtime.deadline is not None else 0.5
         try:
-            ready, _, _ = select.select(readable, [], [], timeout)
+            select.select(readable, [], [], timeout)
         except InterruptedError:
             return
-        if self._wake_r in ready:
-            try:
-                os.read(self._wake_r, 512)
-            except BlockingIOError:
-                pass
+        self._wake.empty()
 
     def _act_on_signals(self, runtime: WorkerRuntime) -> None:
         while self.signals:
@@ -148,4 +144,4 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _format_counts(stats: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in stats.items() if v)  or "nothing processed"
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if v) or "nothing processed"

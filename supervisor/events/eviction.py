@@ -19,6 +19,7 @@ class EvictionNotice:
     event: ScheduledEvent
     deadline: float  # time.time() epoch seconds: work must have stopped by then
     acknowledge: bool  # POST StartRequests for this event once drained
+    not_acknowledged_because: str = ""  # when not acknowledging: why, for the log
 
     @property
     def event_id(self) -> str:
@@ -120,12 +121,21 @@ class EvictionPolicy:
         return any(r.casefold() == self._me for r in event.resources)
 
     def should_acknowledge(self, event: ScheduledEvent) -> bool:
+        return not self.why_not_acknowledge(event)
+
+    def why_not_acknowledge(self, event: ScheduledEvent) -> str:
+        """Empty when this VM may acknowledge the event; otherwise why not."""
+        if event.status == "Started":
+            return "it has already started"  # under way: approving it again achieves nothing
         # An acknowledgement approves the event for every VM it lists.
         if self.settings.ack == "always":
-            return True
+            return ""
         if self.settings.ack == "sole":
-            return bool(event.resources) and all(r.casefold() == self._me for r in event.resources)
-        return False
+            if event.resources and all(r.casefold() == self._me for r in event.resources):
+                return ""
+            return ("other VMs are listed in it, and acknowledging would approve it for them too "
+                    "(events.ack = \"always\" to do it anyway)")
+        return "events.ack is \"never\""
 
     def deadline_for(self, event: ScheduledEvent, now: float) -> float:
         if event.status == "Started" or event.not_before is None:
@@ -133,10 +143,10 @@ class EvictionPolicy:
         return max(now, event.not_before.timestamp() - self.settings.safety_margin_s)
 
     def _notice(self, event: ScheduledEvent, now: float) -> EvictionNotice:
-        # A Started event is already under way: approving it again achieves nothing.
-        notice = EvictionNotice(event, self.deadline_for(event, now), self.should_acknowledge(event) and event.status != "Started")
-        log.warning("%s %s (%s, source %s, NotBefore %s) for this VM: drain, deadline in %.1fs, acknowledge=%s",
+        why_not = self.why_not_acknowledge(event)
+        notice = EvictionNotice(event, self.deadline_for(event, now), not why_not, why_not)
+        log.warning("%s %s (%s, source %s, NotBefore %s) for this VM: drain, deadline in %.1fs, %s",
                     event.event_type, event.event_id, event.status, event.source or "-",
                     event.not_before.isoformat() if event.not_before else "-", notice.deadline - now,
-                    notice.acknowledge)
+                    "acknowledge once drained" if notice.acknowledge else f"not acknowledging: {why_not}")
         return notice

@@ -19,35 +19,45 @@ from supervisor import sdnotify
 from supervisor.config import SupervisorSettings
 from supervisor.events.eviction import Acknowledged, Decision, EvictionNotice, NoticeWithdrawn
 from supervisor.events.watcher import EventWatcher
-from supervisor.pool import strays
-from supervisor.pool.drain import DrainInProgress, DrainPhase, Outcome, why_not_acknowledged
-from supervisor.pool.workers import WorkerPool
+from supervisor.pool.drain import DrainInProgress, DrainPhase, Outcome
+from supervisor.pool.metrics import SupervisorMetrics
+from supervisor.pool.workers import StoppedReceiving, WorkerPool
 from supervisor.vm.sizing import Plan
-from worker.control import Kind
+from worker.common.wake_pipe import WakePipe
 from worker.telemetry.providers import Telemetry
 
 log = logging.getLogger(__name__)
 
+GIVE_BACK_AT_EXIT_S = 5.0  # at exit, how long a give-back of a dead worker's messages under way may still take
+
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
 
-class Arbiter(WorkerPool):
+class Arbiter:
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
                  events: EventWatcher | None = None,
                  exit_summary: Callable[[dict[str, int]], str] | None = None) -> None:
-        super().__init__(settings, plan, telemetry, attributes, reload)
+        self.metrics = SupervisorMetrics(telemetry.meter)
+        self.wake_pipe = WakePipe()
+        self.pool = WorkerPool(settings, plan, telemetry, attributes, self.metrics, reload, close_in_child=self.wake_pipe.fds)
         self.events = events  # None when not watching Scheduled Events
         self.exit_summary = exit_summary  # more for the exit line (uptime, dollars saved), from the totals
         self.signals: list[int] = []
         self.decisions: queue.SimpleQueue[Decision] = queue.SimpleQueue()
+        self.drain_state: DrainInProgress | None = None
+        self.exit_code: int | None = None
         self.notified_ready = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._next_status = 0.0
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
+
+    @property
+    def settings(self) -> SupervisorSettings:
+        return self.pool.settings  # the pool's: a SIGHUP reload replaces them there
+
+    def totals(self) -> dict[str, int]:
+        return self.pool.totals()
 
     # --- inputs: signals and decisions only record, then wake the loop
 
@@ -60,16 +70,10 @@ class Arbiter(WorkerPool):
         self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass
-
-    def own_fds(self) -> list[int]:
-        return [self._wake_r, self._wake_w]
+        self.wake_pipe.wake()
 
     def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w)
+        signal.set_wakeup_fd(self.wake_pipe.write_fd)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._record_signal)
 
@@ -77,32 +81,33 @@ class Arbiter(WorkerPool):
 
     def run(self) -> int:
         self.install_signals()
-        self.lease_guard.start()
-        strays.become_subreaper()
+        self.pool.start()
         if self.events is not None:
             self.events.watch(self.submit)
-        log.info("supervisor %d starting %d %s worker(s) x %d thread(s) for queue %s",
-                 os.getpid(), self.target, self.plan.mode, self.plan.threads, self.settings.queue.name)
-        self.manage_workers()
+        log.info("supervisor %d starting %d %s worker(s) x %d thread(s) for queue %s", os.getpid(), self.pool.target,
+                 self.pool.plan.mode, self.pool.plan.threads, self.settings.queue.name)
+        self.pool.manage_workers()
         while self.exit_code is None:
             self.sleep()
             self.handle_signals()
             self.handle_decisions()
-            self.read_channels()
-            self.reap_workers()
-            strays.sweep(self.workers)
+            self.worker_stopped_receiving(self.pool.read_channels())
+            self.worker_stopped_receiving(self.pool.reap_workers())
+            self.pool.sweep_strays()
+            if self.pool.exit_code is not None:  # workers cannot start with this configuration
+                self.exit_code = self.pool.exit_code
             if self.exit_code is not None:
                 break
             self.check_watcher()
-            self.check_liveness()
-            self.manage_workers()
+            self.pool.check_liveness()
+            self.pool.manage_workers()
             self.check_drain()
             self.notify_systemd()
         self.finish()
         return self.exit_code
 
     def sleep(self) -> None:
-        fds = [self._wake_r] + [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
+        fds = [self.wake_pipe.read_fd, *self.pool.channel_fds()]
         timeout = 0.05 if self.drain_state else 0.5
         if self._watchdog_s:  # wake in time for the next ping, however short WatchdogSec= is
             timeout = max(0.0, min(timeout, self._next_watchdog - time.time()))
@@ -110,11 +115,7 @@ class Arbiter(WorkerPool):
             select.select(fds, [], [], timeout)
         except (InterruptedError, ValueError):
             pass
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.wake_pipe.empty()
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -131,11 +132,11 @@ class Arbiter(WorkerPool):
             elif signum == signal.SIGQUIT:
                 self.drain_workers(f"{name} (fast stop)", time.time(), stop=True)
             elif signum == signal.SIGHUP:
-                self.reload()
+                self.pool.reload()
             elif signum == signal.SIGTTIN:
-                self.scale(self.target + 1)
+                self.pool.scale(self.pool.target + 1)
             elif signum == signal.SIGTTOU:
-                self.scale(self.target - 1)
+                self.pool.scale(self.pool.target - 1)
 
     def handle_decisions(self) -> None:
         while True:
@@ -161,17 +162,15 @@ class Arbiter(WorkerPool):
         if state is None:
             now = time.time()
             state = self.drain_state = DrainInProgress(reason, deadline, now, stop_requested=stop,
-                                                       waiting_for=set(self.workers))
-            log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.workers), deadline - now)
+                                                       waiting_for=set(self.pool.workers))
+            log.info("drain (%s): %d worker(s), deadline in %.1fs", reason, len(self.pool.workers), deadline - now)
             # STOPPING=1 only for a stop: systemd takes it as "deactivating" and kills the service once
             # TimeoutStopSec has passed, which would end a hold after an eviction or a resume (and count a failure).
             if stop:
                 sdnotify.stopping(f"draining: {reason}")
             else:
                 sdnotify.status(f"draining: {reason}")
-            for handle in self.workers.values():
-                handle.retiring = True
-                handle.channel.send(Kind.DRAIN, deadline=deadline)
+            self.pool.retire_all(deadline)
         else:
             if stop and not state.stop_requested:
                 sdnotify.stopping(f"draining: {reason}")
@@ -179,18 +178,14 @@ class Arbiter(WorkerPool):
             if deadline < state.deadline:
                 log.info("drain: %s moves the deadline %.1fs earlier", reason, state.deadline - deadline)
                 state.deadline = deadline
-                for handle in self.workers.values():
-                    handle.channel.send(Kind.DRAIN, deadline=deadline)
+                self.pool.retire_all(deadline)
         if notice is not None:
             state.add_notice(notice)
 
     def on_eviction_notice(self, notice: EvictionNotice) -> None:
+        """The eviction policy already logged the notice and whether (and why not) it will be acknowledged."""
         event = notice.event
         self.metrics.record_eviction_notice(event.event_type)
-        log.warning("%s %s (%s) for this VM, NotBefore %s: draining", event.event_type, event.event_id,
-                    event.status, event.not_before.isoformat() if event.not_before else "now")
-        if not notice.acknowledge:
-            log.info("not acknowledging %s: %s", notice.event_id, why_not_acknowledged(notice))
         self.drain_workers(f"{event.event_type} {event.event_id}", notice.deadline, notice)
 
     def on_notice_withdrawn(self, withdrawn: NoticeWithdrawn) -> None:
@@ -208,37 +203,38 @@ class Arbiter(WorkerPool):
 
     def resume(self) -> None:
         self.drain_state = None
-        self.respawn_at.clear()
-        self.slot_crashes.clear()
+        self.pool.resume()
         sdnotify.ready("processing resumed")
 
-    def worker_stopped_receiving(self, pid: int, at: float | None) -> None:
-        """Called per worker report (at set) or exit (at None); logs once when the last one is in."""
+    def worker_stopped_receiving(self, reports: list[StoppedReceiving]) -> None:
+        """Worker reports (at set) and exits (at None); logs once when the last one is in."""
         state = self.drain_state
-        if state is not None and state.worker_stopped_receiving(pid, at) and state.stopped_receiving_at is not None:
-            log.info("drain: every worker stopped receiving %.3fs after the drain began",
-                     max(0.0, state.stopped_receiving_at - state.started_at))
+        if state is None:
+            return
+        for pid, at in reports:
+            if state.worker_stopped_receiving(pid, at) and state.stopped_receiving_at is not None:
+                log.info("drain: every worker stopped receiving %.3fs after the drain began",
+                         max(0.0, state.stopped_receiving_at - state.started_at))
 
     def check_drain(self) -> None:
         state = self.drain_state
         if state is None:
             return
         now = time.time()
-        if not self.workers:
-            self.drained(state, now)
+        if not self.pool.workers:
+            self.after_drain(state, now)
             return
         if now >= state.deadline and state.phase is DrainPhase.DRAINING:
             state.phase = DrainPhase.ABANDONED
-            log.warning("drain deadline reached: %d worker(s) still busy, releasing their messages", len(self.workers))
-            for handle in self.workers.values():
-                handle.channel.send(Kind.ABANDON)
-        if now >= state.deadline + self.settings.shutdown.kill_grace_s and state.phase is DrainPhase.ABANDONED:
+            log.warning("drain deadline reached: %d worker(s) still busy, releasing their messages", len(self.pool.workers))
+            self.pool.abandon_all()
+        kill_grace_s = self.settings.shutdown.kill_grace_s
+        if now >= state.deadline + kill_grace_s and state.phase is DrainPhase.ABANDONED:
             state.phase = DrainPhase.KILLED
-            for handle in self.workers.values():
-                log.error("worker %d did not exit %.1fs after the deadline: killing it", handle.pid, self.settings.shutdown.kill_grace_s)
-                self.kill_worker(handle.pid, signal.SIGKILL)
+            for pid in self.pool.kill_all():
+                log.error("worker %d did not exit %.1fs after the deadline: killing it", pid, kill_grace_s)
 
-    def drained(self, state: DrainInProgress, now: float) -> None:
+    def after_drain(self, state: DrainInProgress, now: float) -> None:
         """No worker left: acknowledge what we may (never waiting here), then exit, resume or hold."""
         if state.drained_at is None:
             state.drained_at = now
@@ -246,7 +242,7 @@ class Arbiter(WorkerPool):
             log.info("drained in %.3fs (%s)", now - state.started_at, state.reason)
         if self.events is not None:
             for event_id in state.acks_due(now):
-                state.acks[event_id].in_flight = True
+                state.acks[event_id].sent()
                 self.events.acknowledge(event_id)
         if state.phase is not DrainPhase.HOLDING and state.waiting_for_acks():
             return
@@ -280,8 +276,7 @@ class Arbiter(WorkerPool):
             log.warning("acknowledging %s failed (attempt %d, next in %.1fs): %s", result.event_id, ack.attempts,
                         ack.next_at - now, result.error)
             return
-        ack.in_flight = False
-        ack.done_at = now
+        ack.succeeded(now)
         log.info("acknowledged %s %.3fs after the last worker exited", result.event_id, now - (state.drained_at or now))
         if state.phase is DrainPhase.HOLDING:
             sdnotify.status(state.holding_status())
@@ -301,10 +296,10 @@ class Arbiter(WorkerPool):
 
     def notify_systemd(self) -> None:
         now = time.time()
-        if not self.notified_ready and self.workers and all(w.ready for w in self.workers.values()):
+        if not self.notified_ready and self.pool.all_ready():
             self.notified_ready = True
             sdnotify.ready(self.status_line())
-            log.info("ready: %d worker(s) running", len(self.workers))
+            log.info("ready: %d worker(s) running", len(self.pool.workers))
         if now >= self._next_status:
             self._next_status = now + 5.0
             sdnotify.status(self.status_line())
@@ -313,24 +308,15 @@ class Arbiter(WorkerPool):
             sdnotify.watchdog()
 
     def status_line(self) -> str:
-        t = self.totals()
-        running = sum(int(w.stats.get("running", 0)) for w in self.workers.values())
+        t = self.pool.totals()
         drain = self.drain_state
         if drain is not None and drain.phase is DrainPhase.HOLDING:
             return drain.holding_status()
         state = "running" if drain is None else f"{drain.phase.value} ({drain.reason})"
-        return (f"{state}: {len(self.workers)} worker(s), {running} in flight, {t.get('succeeded', 0)} done, "
+        return (f"{state}: {len(self.pool.workers)} worker(s), {self.pool.in_flight()} in flight, {t.get('succeeded', 0)} done, "
                 f"{t.get('failed', 0)} failed, {t.get('poisoned', 0)} poisoned, {t.get('released', 0) + t.get('interrupted', 0)} released")
 
     def finish(self) -> None:
-        for pid in list(self.workers):
-            self.kill_worker(pid, signal.SIGKILL)
-        deadline = time.time() + 1.0
-        while self.workers and time.time() < deadline:  # their strays reach us only once they are gone
-            time.sleep(0.02)
-            self.reap_workers()
-        strays.sweep(self.workers)
-        self.lease_guard.stop()
-        extra = f"; {self.exit_summary(self.totals())}" if self.exit_summary is not None else ""
+        self.pool.close(give_back_wait_s=GIVE_BACK_AT_EXIT_S)
+        extra = f"; {self.exit_summary(self.pool.totals())}" if self.exit_summary is not None else ""
         log.info("supervisor exiting (%d): %s%s", self.exit_code, self.status_line(), extra)
-

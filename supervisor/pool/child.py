@@ -8,7 +8,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 from supervisor.vm.gpus import Gpu, pin_to_gpu
@@ -42,9 +43,22 @@ def _exit_at_once(signum: int, frame: FrameType | None) -> None:
     os._exit(128 + signum)
 
 
-def run_child(settings: Settings, index: int, threads: int, sock: socket.socket, parent_pid: int,
-              inherited: Iterable[int], attributes: dict[str, str], gpu: Gpu | None = None,
-              lease_slots: LeaseSlots | None = None) -> None:
+@dataclass(frozen=True)
+class ChildSetup:
+    """What a forked worker process starts from."""
+
+    settings: Settings
+    slot: int
+    threads: int
+    sock: socket.socket  # the worker's end of its control channel
+    supervisor_pid: int  # taken before fork: by the time the child asks, the supervisor may be gone
+    inherited_fds: Sequence[int]  # the supervisor's descriptors, closed in the child
+    attributes: dict[str, str]
+    gpu: Gpu | None = None
+    lease_slots: LeaseSlots | None = None
+
+
+def run_child(setup: ChildSetup) -> None:
     """Never returns: exits the process with the worker's exit code.
 
     The handler is imported here, after the fork and after CUDA_VISIBLE_DEVICES is set: CUDA
@@ -59,22 +73,24 @@ def run_child(settings: Settings, index: int, threads: int, sock: socket.socket,
         for sig in (signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, _exit_at_once)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
-        die_with_parent(parent_pid)
-        for fd in inherited:  # the supervisor's ends of every channel: keep them and EOF never comes
+        die_with_parent(setup.supervisor_pid)
+        for fd in setup.inherited_fds:  # the supervisor's ends of every channel: keep them and EOF never comes
             try:
                 os.close(fd)
             except OSError:
                 pass
-        gpu_attributes = pin_to_gpu(gpu) if gpu is not None else {}
-        setup_logging(settings.telemetry.log_level, f"worker-{index}")
-        telemetry = setup_telemetry(settings.telemetry, "worker", {**attributes, "spot.worker.index": str(index), **gpu_attributes},
+        gpu_attributes = pin_to_gpu(setup.gpu) if setup.gpu is not None else {}
+        setup_logging(setup.settings.telemetry.log_level, f"worker-{setup.slot}")
+        telemetry = setup_telemetry(setup.settings.telemetry, "worker",
+                                    {**setup.attributes, "spot.worker.index": str(setup.slot), **gpu_attributes},
                                     point_attributes=gpu_attributes)
         try:
-            code = WorkerProcess(settings, telemetry, threads, Channel(sock), parent_pid, lease_slots).run()
+            code = WorkerProcess(setup.settings, telemetry, setup.threads, Channel(setup.sock), setup.supervisor_pid,
+                                 setup.lease_slots).run()
         finally:
             telemetry.shutdown()
     except BaseException:  # anything unexpected in a child is logged, then the supervisor decides
-        logging.getLogger(__name__).exception("worker %d failed", index)
+        logging.getLogger(__name__).exception("worker %d failed", setup.slot)
         code = 1
     finally:
         sys.stdout.flush()

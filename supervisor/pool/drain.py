@@ -46,6 +46,13 @@ class PendingAck:
     next_at: float = 0.0
     done_at: float | None = None
 
+    def sent(self) -> None:
+        self.in_flight = True
+
+    def succeeded(self, now: float) -> None:
+        self.in_flight = False
+        self.done_at = now
+
     def failed(self, now: float) -> None:
         self.in_flight = False
         self.attempts += 1
@@ -137,11 +144,3 @@ class DrainInProgress:
                                   "events": sorted(self.notices)}
         return json.dumps(record, separators=(",", ":"))
 
-
-def why_not_acknowledged(notice: EvictionNotice) -> str:
-    event = notice.event
-    if event.status == "Started":
-        return "it has already started"
-    if len(event.resources) > 1:
-        return "other VMs are listed in it, and acknowledging would approve it for them too (events.ack = \"always\" to do it anyway)"
-    return "events.ack is \"never\""

@@ -12,6 +12,13 @@ crashed), the guard makes them visible again at once. Cut short by a drain or
 a retirement, they are given back with their release recorded (the text the
 worker kept in the slot), so the eviction is not counted as a failure; after a
 crash, without it (a crash counts as a failed attempt, as it always has).
+
+The give-back runs on the guard's call threads, never on the supervisor's main
+loop: with the queue hanging it would hold up every decision, signal and
+acknowledgement for as long as the calls take. It is bounded: one attempt per
+message (no SDK retries stacking up), at most MAX_CONCURRENT_CALLS at a time,
+and nothing starts once the message's lease would have run out anyway: what
+is not given back reappears after its lease, as after any crash.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from azure.storage.queue import QueueClient
 
@@ -41,6 +49,29 @@ class WatchedWorker:
         self.visibility_timeout_s = visibility_timeout_s
         self.warned: set[str] = set()  # message ids already logged as renewed for this worker
         self.given_up: set[tuple[str, str]] = set()  # (id, receipt) the queue refused: settled or lost meanwhile
+        self.lock = threading.Lock()  # held while its table is read: the give-back closes the table under it
+        self.exited = False
+
+
+class GiveBack:
+    """What one exited worker still held, on its way back to the queue; logs once every call has ended."""
+
+    def __init__(self, worker: WatchedWorker, cut_short: bool, held: list[HeldMessage]) -> None:
+        self.worker = worker
+        self.cut_short = cut_short
+        self.held = held
+        self._lock = threading.Lock()
+        self._left = len(held)
+        self.given = 0
+
+    def ended(self, given: bool) -> None:
+        with self._lock:
+            self._left -= 1
+            self.given += given
+            if self._left:
+                return
+        log.warning("worker %d exited holding %d message(s): %d given back %s", self.worker.pid, len(self.held),
+                    self.given, "with their release recorded" if self.cut_short else "(the attempt counts as failed)")
 
 
 class LeaseGuard(threading.Thread):
@@ -51,6 +82,7 @@ class LeaseGuard(threading.Thread):
         self._stopping = threading.Event()
         self._clients: dict[tuple[str, str, str], QueueClient] = {}
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_CALLS, thread_name_prefix="lease-guard-call")
+        self._in_flight: set[Future[object]] = set()  # give-backs not ended yet
         self.renewals = 0  # made on a worker's behalf (for tests and the log)
         self.tick_s = 0.5
 
@@ -67,30 +99,51 @@ class LeaseGuard(threading.Thread):
             self._workers[pid] = WatchedWorker(pid, slots, client, settings.visibility_timeout_s)
             self.tick_s = min(self.tick_s, max(0.05, settings.visibility_timeout_s / 10))
 
-    def worker_exited(self, pid: int, cut_short: bool) -> int:
-        """Give back at once what the worker still held; returns how many. Blocks for at most one request's timeout."""
+    def worker_exited(self, pid: int, cut_short: bool) -> None:
+        """Give back what the worker still held, from the guard's call threads: returns at once."""
         with self._lock:
             worker = self._workers.pop(pid, None)
-        if worker is None:
-            return 0
-        held = []
-        for index in worker.slots.held_indices():
-            with worker.slots.locked(index):  # the worker is gone, and the kernel dropped its locks
-                message = worker.slots.read(index)
-            if message is not None:
-                held.append(message)
-        timeout = self._request_timeout(worker)
-        results = list(self._pool.map(lambda m: self._give_back(worker, m, cut_short, timeout), held))
-        worker.slots.close()
-        given = sum(results)
-        if held:
-            log.warning("worker %d exited holding %d message(s): %d given back %s", pid, len(held), given,
-                        "with their release recorded" if cut_short else "(the attempt counts as failed)")
-        return given
+        if worker is not None:
+            self._submit(self._collect, worker, cut_short)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Waits up to wait_s for give-backs under way (the process is about to exit), then drops the rest."""
         self._stopping.set()
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            with self._lock:
+                pending = set(self._in_flight)
+            if not pending:
+                break
+            wait(pending, timeout=left)  # a collect ending submits its calls: look again
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, call: Callable[..., object], *args: object) -> None:
+        future: Future[object] = self._pool.submit(call, *args)
+        with self._lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._ended)
+
+    def _ended(self, future: Future[object]) -> None:
+        with self._lock:
+            self._in_flight.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("giving back a dead worker's messages failed", exc_info=future.exception())
+
+    def _collect(self, worker: WatchedWorker, cut_short: bool) -> None:
+        """What the worker held, read from its table (then closed); one call per message."""
+        with worker.lock:  # waits for a renewal of its messages under way
+            worker.exited = True
+            held = []
+            for index in worker.slots.held_indices():
+                with worker.slots.locked(index):  # the worker is gone, and the kernel dropped its locks
+                    message = worker.slots.read(index)
+                if message is not None:
+                    held.append(message)
+            worker.slots.close()
+        give_back = GiveBack(worker, cut_short, held)
+        for message in held:
+            self._submit(self._give_back, give_back, message)
 
     # -- the guard's own thread
 
@@ -102,6 +155,11 @@ class LeaseGuard(threading.Thread):
                 self._renew_stale(worker)
 
     def _renew_stale(self, worker: WatchedWorker) -> None:
+        with worker.lock:
+            if not worker.exited:
+                self._renew_stale_slots(worker)
+
+    def _renew_stale_slots(self, worker: WatchedWorker) -> None:
         now = time.monotonic()
         due = TAKE_OVER_AFTER * worker.visibility_timeout_s
         for index in worker.slots.held_indices():
@@ -140,15 +198,21 @@ class LeaseGuard(threading.Thread):
         worker.slots.record(message.index, receipt.pop_receipt or message.pop_receipt, time.monotonic())
         self.renewals += 1
 
-    def _give_back(self, worker: WatchedWorker, message: HeldMessage, cut_short: bool, timeout: float) -> bool:
-        content = message.release_text if cut_short else None
+    def _give_back(self, give_back: GiveBack, message: HeldMessage) -> None:
+        worker = give_back.worker
+        if time.monotonic() >= message.renewed_at + message.visibility_timeout_s:
+            give_back.ended(False)  # its lease ran out while the call waited for a thread: it is back by itself
+            return
+        content = message.release_text if give_back.cut_short else None
+        timeout = self._request_timeout(worker)
         try:
             worker.client.update_message(message.message_id, message.pop_receipt, content=content, visibility_timeout=0,
-                                         connection_timeout=timeout, read_timeout=timeout)
+                                         connection_timeout=timeout, read_timeout=timeout, retry_total=0)
         except Exception as exc:  # it reappears after its lease, as it would have anyway
             log.warning("could not give back message %s of worker %d: %s", message.message_id, worker.pid, describe(exc))
-            return False
-        return True
+            give_back.ended(False)
+            return
+        give_back.ended(True)
 
     def _client(self, settings: QueueSettings) -> QueueClient:
         key = (settings.connection_string, settings.account_url, settings.name)

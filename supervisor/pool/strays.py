@@ -7,6 +7,14 @@ child of ours that is not a worker is such a stray; left alive it would keep
 working on a message that another worker will receive again. The main loop
 calls sweep() on every turn; reap_workers() reaps what it killed.
 
+A live run orphans processes too: a program that backgrounds a helper from a
+subshell (`( helper & )`) hands the helper to us while the program still runs,
+in the program's own process group. Killing that group would kill the program.
+Such a stray belongs to its run: it is left alone while the group's leader (the
+program) lives under a live worker, and dies with the group when the run ends
+(the worker kills the program's group then) or on a later sweep once the
+leader is gone.
+
 The rule holds because the supervisor itself starts no process but its workers
 (or only synchronously, on the main loop's thread, between two sweeps).
 """
@@ -57,7 +65,8 @@ def own_children() -> set[int]:
 
 
 def sweep(workers: Collection[int]) -> list[int]:
-    """Kill every child that is not a worker, with its process group and descendants; returns the pids killed."""
+    """Kill every child that is not a worker, with its process group and descendants, except what a live run
+    still owns (above); returns the pids killed."""
     strays = own_children() - set(workers)
     killed: list[int] = []
     for pid in sorted(strays):
@@ -66,7 +75,21 @@ def sweep(workers: Collection[int]) -> list[int]:
                 continue  # already dead; reap_workers reaps it
         except psutil.Error:
             continue
-        killed += kill_process_tree(pid, process_group(pid))
+        group = process_group(pid)
+        if group is not None and owned_by_live_run(group, workers):
+            continue
+        killed += kill_process_tree(pid, group)
     if killed:
         log.warning("killed %d process(es) left behind by a worker (pids %s)", len(killed), ", ".join(map(str, killed)))
     return killed
+
+
+def owned_by_live_run(group: int, workers: Collection[int]) -> bool:
+    """The group's leader (a program a worker started in its own session) is alive under a live worker."""
+    try:
+        leader = psutil.Process(group)
+        if leader.status() == psutil.STATUS_ZOMBIE:  # the run ended: its worker is killing the group anyway
+            return False
+        return any(parent.pid in workers for parent in leader.parents())
+    except psutil.Error:  # no leader any more: nobody owns the group
+        return False

@@ -1,6 +1,8 @@
 """The supervisor's worker processes: spawn, read, reap, respawn with backoff, scale, reload by generation.
 
-The base of the Arbiter: it owns the loop, signals and the drain, this owns the processes.
+Owned by the Arbiter, which runs the loop, signals and the drain and tells the pool what to do with its
+workers through verbs (retire_all, abandon_all, kill_all, resume); the pool reports back what the drain
+waits for (which workers stopped receiving, which exited) as return values, never by calling back.
 """
 
 from __future__ import annotations
@@ -11,22 +13,21 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
 from supervisor.config import SupervisorSettings
 from supervisor.pool import strays
-from supervisor.pool.child import run_child
-from supervisor.pool.drain import DrainInProgress
+from supervisor.pool.child import ChildSetup, run_child
 from supervisor.pool.lease_guard import LeaseGuard
 from supervisor.pool.metrics import SupervisorMetrics
 from supervisor.vm.sizing import Plan
 from worker.common.backoff import exponential_delay
 from worker.control import Channel, Kind
-from worker.telemetry.providers import Telemetry
+from worker.telemetry.providers import MESSAGE_OUTCOMES, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,15 @@ class WorkerHandle:
     unresponsive: bool = False  # killed for silence
 
 
+class StoppedReceiving(NamedTuple):
+    """A worker reported it stopped receiving (at: epoch s), or exited (at None)."""
+
+    pid: int
+    at: float | None
+
+
 @dataclass
-class Settled:
+class ExitedTotals:
     """Counts from workers that have exited, for the summary."""
 
     totals: dict[str, int] = field(default_factory=dict)
@@ -64,13 +72,15 @@ class Settled:
 
 class WorkerPool:
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
-                 reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None) -> None:
+                 metrics: SupervisorMetrics, reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
+                 close_in_child: Sequence[int] = ()) -> None:
         self.settings = settings
         self.plan = plan
         self.telemetry = telemetry
-        self.metrics = SupervisorMetrics(telemetry.meter)
+        self.metrics = metrics
         self.attributes = attributes
         self.reload_settings = reload
+        self.close_in_child = list(close_in_child)  # the owner's own descriptors (its wake-up pipe)
         self.target = plan.workers
         self.generation = 0
         # The configuration before a SIGHUP, kept until a worker of the new one is ready: if the
@@ -79,21 +89,61 @@ class WorkerPool:
         self.workers: dict[int, WorkerHandle] = {}
         self.slot_crashes: dict[int, int] = {}
         self.respawn_at: dict[int, float] = {}
-        self.drain_state: DrainInProgress | None = None  # set and cleared by the Arbiter
-        self.exit_code: int | None = None
-        self.settled = Settled()
-        self.lease_guard = LeaseGuard()  # started by the Arbiter's run()
+        self.draining = False  # retire_all until resume: no respawns, no scaling, no reload
+        self.exit_code: int | None = None  # set when workers cannot start: the service must stop
+        self.exited_totals = ExitedTotals()
+        self.lease_guard = LeaseGuard()
         self.reload_pending = False  # a SIGHUP came while a generation was starting: reload once it is ready
 
-    def own_fds(self) -> list[int]:
-        """The supervisor's own descriptors, closed in every child."""
-        return []
+    def start(self) -> None:
+        self.lease_guard.start()
+        strays.become_subreaper()
 
-    def worker_stopped_receiving(self, pid: int, at: float | None) -> None:
-        """A worker reported it stopped receiving (at set), or exited (at None)."""
+    # --- verbs for the drain
+
+    def retire_all(self, deadline: float) -> None:
+        """Every worker: stop receiving, give back unstarted messages, finish by the deadline; none respawned.
+        Again with an earlier deadline moves it."""
+        self.draining = True
+        for handle in self.workers.values():
+            self.retire(handle, deadline)
+
+    def abandon_all(self) -> None:
+        """The deadline passed: every worker gives back everything it holds and exits."""
+        for handle in self.workers.values():
+            handle.channel.send(Kind.ABANDON)
+
+    def kill_all(self) -> list[int]:
+        """SIGKILL every worker left; returns their pids (reap_workers reaps them)."""
+        pids = list(self.workers)
+        for pid in pids:
+            self.kill_worker(pid, signal.SIGKILL)
+        return pids
+
+    def resume(self) -> None:
+        """After a drain that ends in processing again: workers are spawned anew."""
+        self.draining = False
+        self.forget_crashes()
+
+    def close(self, give_back_wait_s: float) -> None:
+        """The end: kill every worker and what they left behind, let give-backs under way finish (bounded)."""
+        self.kill_all()
+        deadline = time.time() + 1.0
+        while self.workers and time.time() < deadline:  # their strays reach us only once they are gone
+            time.sleep(0.02)
+            self.reap_workers()
+        strays.sweep(self.workers)
+        self.lease_guard.stop(wait_s=give_back_wait_s)
+
+    # --- the processes
+
+    def forget_crashes(self) -> None:
+        """Every slot is spawned again at once, as if it never crashed."""
+        self.respawn_at.clear()
+        self.slot_crashes.clear()
 
     def manage_workers(self) -> None:
-        if self.drain_state is not None:
+        if self.draining:
             return
         if self.reload_pending and not self.generation_starting():
             self.reload()
@@ -108,15 +158,15 @@ class WorkerPool:
 
     def spawn_worker(self, slot: int) -> None:
         parent_end, child_end = socket.socketpair()
-        inherited = [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
-        inherited += [parent_end.fileno(), *self.own_fds()]
+        inherited = self.channel_fds()
+        inherited += [parent_end.fileno(), *self.close_in_child]
         supervisor_pid = os.getpid()  # not os.getppid() in the child: by then the supervisor may already be gone
         gpu = self.plan.gpu_for_slot(slot)  # by slot: a respawned worker gets its slot's GPU back
         leases = self.lease_guard.new_table(self.plan.threads, self.settings.queue)
         pid = os.fork()
         if pid == 0:
-            run_child(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited, self.attributes, gpu,
-                      leases)
+            run_child(ChildSetup(self.settings, slot, self.plan.threads, child_end, supervisor_pid, inherited,
+                                 self.attributes, gpu, leases))
         child_end.close()
         self.lease_guard.watch(pid, leases, self.settings.queue)
         now = time.time()
@@ -124,12 +174,14 @@ class WorkerPool:
         self.respawn_at.pop(slot, None)
         log.info("spawned worker %d (slot %d, %s%d thread(s))", pid, slot, f"{gpu.describe()}, " if gpu else "", self.plan.threads)
 
-    def read_channels(self) -> None:
+    def read_channels(self) -> list[StoppedReceiving]:
+        reports: list[StoppedReceiving] = []
         for handle in list(self.workers.values()):
             for message in handle.channel.receive():
-                self.on_worker_message(handle, message)
+                self.on_worker_message(handle, message, reports)
+        return reports
 
-    def on_worker_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+    def on_worker_message(self, handle: WorkerHandle, message: dict[str, Any], reports: list[StoppedReceiving]) -> None:
         kind = message["kind"]
         handle.last_heard = time.time()
         handle.cpu_at_heard = cpu_seconds(handle.pid)
@@ -142,33 +194,38 @@ class WorkerPool:
         elif kind in (Kind.STATS, Kind.EXITING):
             handle.stats = message
         elif kind == Kind.STOPPED_RECEIVING:
-            self.worker_stopped_receiving(handle.pid, float(message.get("at") or time.time()))
+            reports.append(StoppedReceiving(handle.pid, float(message.get("at") or time.time())))
         elif kind == Kind.FATAL:
             log.error("worker %d cannot start: %s", handle.pid, message.get("error"))
             if message.get("code") == os.EX_CONFIG:
                 self.config_failed(handle, str(message.get("error")))
 
-    def reap_workers(self) -> None:
+    def reap_workers(self) -> list[StoppedReceiving]:
+        """Reaps every child that exited (strays included); for each worker, its last reports and its exit."""
+        reports: list[StoppedReceiving] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return reports
             if pid == 0:
-                return
+                return reports
             handle = self.workers.pop(pid, None)
             if handle is None:
                 continue
             for message in handle.channel.receive():  # its last words, e.g. the drained counts
-                self.on_worker_message(handle, message)
+                self.on_worker_message(handle, message, reports)
             handle.channel.close()
-            # What it still held (killed at the deadline, or crashed) goes back now; cut short by a drain, as a
-            # release. What it started is killed first, so nothing still works on a message given back.
+            # What it still held (killed at the deadline, or crashed) goes back now, off this loop; cut short by a
+            # drain, as a release. What it started is killed first, so nothing still works on a message given back.
             strays.sweep(self.workers)
-            self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.drain_state is not None)
-            self.worker_stopped_receiving(pid, None)
-            self.settled.add(handle.stats)
+            self.lease_guard.worker_exited(pid, cut_short=handle.retiring or self.draining)
+            reports.append(StoppedReceiving(pid, None))
+            self.exited_totals.add(handle.stats)
             self.on_worker_exit(handle, status)
+
+    def sweep_strays(self) -> None:
+        strays.sweep(self.workers)
 
     def on_worker_exit(self, handle: WorkerHandle, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -180,7 +237,7 @@ class WorkerPool:
                 log.error("worker %d exited with 78 (configuration)", handle.pid)
             self.config_failed(handle, "exit code 78")
             return
-        if handle.retiring or self.drain_state is not None or handle.generation != self.generation:
+        if handle.retiring or self.draining or handle.generation != self.generation:
             log.info("worker %d exited (%s)", handle.pid, described)
             return
         lived = time.time() - handle.started_at
@@ -215,7 +272,7 @@ class WorkerPool:
                 self.kill_worker(handle.pid, signal.SIGKILL)
 
     def scale(self, target: int) -> None:
-        if self.drain_state is not None:
+        if self.draining:
             return
         target = max(1, min(target, self.settings.scaling.max_workers))
         if target == self.target:
@@ -229,6 +286,7 @@ class WorkerPool:
                 self.retire(handle, time.time() + self.settings.shutdown.drain_timeout_s)
 
     def retire(self, handle: WorkerHandle, deadline: float) -> None:
+        """Drain one worker by the deadline (not respawned); again with an earlier one moves it."""
         handle.retiring = True
         handle.channel.send(Kind.DRAIN, deadline=deadline)
 
@@ -237,7 +295,7 @@ class WorkerPool:
         return any(w.generation < self.generation and not w.retiring for w in self.workers.values())
 
     def reload(self) -> None:
-        if self.reload_settings is None or self.drain_state is not None:
+        if self.reload_settings is None or self.draining:
             return
         if self.generation_starting():
             # Coalesced: at most one generation starts at a time, however many SIGHUPs arrive meanwhile.
@@ -257,8 +315,7 @@ class WorkerPool:
             self.previous = (self.settings, self.plan)
         self.settings, self.plan, self.target = settings, plan, plan.workers
         self.generation += 1
-        self.respawn_at.clear()
-        self.slot_crashes.clear()
+        self.forget_crashes()
 
     def retire_older_generations(self) -> None:
         """Once every worker of the current configuration is ready, the ones before it drain (as in gunicorn:
@@ -292,8 +349,7 @@ class WorkerPool:
         for other in self.workers.values():  # the workers of the previous configuration are current again
             if not other.retiring:
                 other.generation = self.generation
-        self.respawn_at.clear()
-        self.slot_crashes.clear()
+        self.forget_crashes()
 
     def kill_worker(self, pid: int, sig: int) -> None:
         try:
@@ -301,6 +357,15 @@ class WorkerPool:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
+
+    def all_ready(self) -> bool:
+        return bool(self.workers) and all(w.ready for w in self.workers.values())
+
+    def in_flight(self) -> int:
+        return sum(int(w.stats.get("running", 0)) for w in self.workers.values())
+
+    def channel_fds(self) -> list[int]:
+        return [w.channel.fileno() for w in self.workers.values() if not w.channel.closed]
 
     def fail(self, code: int) -> None:
         """Stop everything now (configuration error): no drain, no respawn."""
@@ -315,9 +380,9 @@ class WorkerPool:
             self.kill_worker(pid, signal.SIGKILL)
 
     def totals(self) -> dict[str, int]:
-        totals = dict(self.settled.totals)
+        totals = dict(self.exited_totals.totals)
         for handle in list(self.workers.values()):  # a copy: the metrics thread reads the totals too
-            for key in ("succeeded", "failed", "released", "interrupted", "poisoned", "lease_lost"):
+            for key in MESSAGE_OUTCOMES:
                 totals[key] = totals.get(key, 0) + int(handle.stats.get(key, 0))
         return totals
 
