@@ -61,8 +61,8 @@ def test_under_journald_every_line_carries_its_priority_and_no_timestamp(tmp_pat
 
 def test_on_a_file_or_terminal_lines_are_plain_with_a_timestamp(tmp_path: Path) -> None:
     lines = emit(tmp_path, journal=False)
-    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} INFO    worker-3\[\d+\] worker\.consumer: plain news", lines[0]), lines
-    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} WARNING worker-3\[\d+\] worker\.consumer: lease lost", lines[1])
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} INFO    worker-3\[\d+\] worker\.queue\.consumer: plain news", lines[0]), lines
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3} WARNING worker-3\[\d+\] worker\.queue\.consumer: lease lost", lines[1])
     assert not any(line.startswith("<") for line in lines)
 
 
