@@ -49,6 +49,7 @@ class AwsInstanceMetadata:
         self._token_renew_at = 0.0
         self._token_problem = ""
         self._v1_until = 0.0
+        self._renewed_after_401 = False  # this poll: a 401 storm costs one token request per poll, not per path
         self._book = NoticeBook("AWS")
         self._last: dict[str, list[CloudNotice]] = {}
         self._rebalances_logged: set[str] = set()
@@ -58,6 +59,7 @@ class AwsInstanceMetadata:
     def poll(self) -> EventsDocument:
         notices: list[CloudNotice] = []
         errors: list[str] = []
+        self._renewed_after_401 = False
         for part, read in (("spot", self._spot_action), ("rebalance", self._rebalance), ("lifecycle", self._lifecycle)):
             try:
                 self._last[part] = read()
@@ -75,6 +77,8 @@ class AwsInstanceMetadata:
         return interval_s
 
     def instance_info(self, timeout_s: float | None = None) -> InstanceInfo:
+        self._renewed_after_401 = False
+
         def word(path: str, required: bool = True) -> str:
             raw = self._get(path, timeout_s)
             if raw is None:
@@ -143,7 +147,8 @@ class AwsInstanceMetadata:
         url = f"{self.base}{META}{path}"
         timeout = timeout_s or self._timeout_s
         response = self._send_get(url, self._session_token(), timeout)
-        if response.status_code == 401:  # expired, or never valid: a new one, once
+        if response.status_code == 401 and not self._renewed_after_401:  # expired, or never valid: a new one, once
+            self._renewed_after_401 = True
             self._token = None
             token = self._session_token()
             if token is not None:
