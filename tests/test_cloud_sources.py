@@ -4,6 +4,9 @@ shapes against the documented fixtures."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +21,9 @@ from supervisor.events.eviction import EvictionNotice, EvictionPolicy, NoticeWit
 from supervisor.events.gcp import GcpMetadata
 from supervisor.simulator.metadata_http import MetadataServer
 from supervisor.vm.imds import ImdsError
+from testsupport.azurite import REPO
 from testsupport.clouds import FIXTURES, aws_sim, control, gcp_sim
+from testsupport.net import free_port, wait_for_port
 
 __all__ = ["aws_sim", "gcp_sim"]  # fixtures
 
@@ -207,3 +212,26 @@ def test_gcp_hanging_watch_falls_back_to_polling(gcp_sim: MetadataServer) -> Non
 def test_gcp_instance_facts(gcp: GcpMetadata) -> None:
     info = gcp.instance_info()
     assert (info.name, info.vm_size, info.location, info.is_spot) == ("spot-render-07", "n2-standard-4", "us-central1-a", True)
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_cli_simulates_each_cloud_in_the_foreground(cloud: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "simulate", "--cloud", cloud, "--port", str(port),
+                             "--evict-after", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, timeout=10)
+        url = f"http://127.0.0.1:{port}"
+        source = AwsInstanceMetadata(url, 2.0) if cloud == "aws" else GcpMetadata(url, 2.0)
+        with source:
+            assert source.instance_info().name == ("i-0abc1234def567890" if cloud == "aws" else "spot-render-07")
+            [event] = source.poll().events
+            assert event.event_type == "Preempt"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"SPOT_EVENTS_SOURCE={cloud} SPOT_EVENTS_ENDPOINT={url}" in out
