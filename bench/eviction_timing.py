@@ -11,7 +11,10 @@ Prints p50/p95/max of: notice → every worker stopped receiving, drain start �
 worker stopped receiving, last worker exit → acknowledgement, notice → acknowledgement,
 notice → released messages visible again; and the message accounting over all rounds.
 
-Run: .venv/bin/python -m bench.eviction_timing [--rounds 20] [--poll 1.0] [--messages 30] [--json PATH]
+With --cloud aws or gcp the notice comes from that cloud's metadata simulator (an EC2 Spot
+instance-action two minutes ahead; a Compute Engine preemption) and there is no acknowledgement.
+
+Run: .venv/bin/python -m bench.eviction_timing [--cloud azure|aws|gcp] [--rounds 20] [--poll 1.0] [--messages 30] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from subprocess import Popen
-from typing import Any
+from typing import Any, Union
 
 from bench.common import (
     approximate_count,
@@ -41,12 +44,18 @@ from bench.common import (
     stop_tree,
     visible_count,
 )
+from supervisor.simulator.aws import AwsMetadata
+from supervisor.simulator.gcp import GcpMetadata
+from supervisor.simulator.metadata_http import MetadataServer
 from supervisor.simulator.server import ImdsSimulator
+
+Simulator = Union[ImdsSimulator, MetadataServer]
 
 WORKERS = 2
 CHUNKS = 10
 CHUNK_MS = 20
 NOTICE_S = 30.0  # NotBefore of the simulated eviction, as on Azure
+AWS_NOTICE_S = 120.0  # an EC2 Spot instance-action's time
 PEEK_MAX = 32  # peek_messages returns at most 32: the release check sees the whole queue only up to that
 RELEASE_POLL_S = 0.005
 RELEASE_TIMEOUT_S = 30.0
@@ -158,7 +167,7 @@ def wait_for_release(queue: Any, results: Path, round_no: int, messages: int, no
     return None if since is None else (since - noticed_at, visible)  # released, but the supervisor lingers (reported apart)
 
 
-def read_drain_log(log: str, noticed_at: float, result: Round) -> None:
+def read_drain_log(log: str, noticed_at: float, result: Round, acknowledged: bool = True) -> None:
     timeline = drain_timeline(log, result.problems)
     if timeline is None:
         return
@@ -172,7 +181,7 @@ def read_drain_log(log: str, noticed_at: float, result: Round) -> None:
         result.problems.append("no worker reported that it stopped receiving")
     if timeline["acknowledged_at"] is not None and timeline["drained_at"] is not None:
         result.exit_to_ack_s = timeline["acknowledged_at"] - timeline["drained_at"]
-    else:
+    elif acknowledged:
         result.problems.append("the drain timeline has no acknowledgement")
 
 
@@ -184,17 +193,28 @@ def read_ack(sim: ImdsSimulator, event_id: str, noticed_at: float, result: Round
     result.notice_to_ack_s = acks[-1]["time"] - noticed_at
 
 
-def evict(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> Any:
+def give_notice(sim: Simulator) -> str:
+    """An eviction notice from the simulator; the event id the supervisor will drain for."""
+    if isinstance(sim, ImdsSimulator):
+        return str(sim.simulate_eviction(delay_s=NOTICE_S)["EventId"])
+    if isinstance(sim.model, AwsMetadata):
+        return f"aws-spot-terminate-{sim.model.simulate_eviction(delay_s=AWS_NOTICE_S)['time']}"
+    assert isinstance(sim.model, GcpMetadata)
+    sim.model.simulate_eviction()
+    return "gcp-preempted"
+
+
+def evict(conn: str, sim: Simulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> Any:
     """The evicted VM's part of a round; returns the round's queue client."""
     queue = new_queue(conn, result.queue)
     fill(queue, bodies(result.number, args.messages))
     log_path = work / f"round-{result.number}.log"
-    proc = spawn(COMMAND, supervisor_env(conn, result.queue, sim.url, results, args.poll, "azure"), log_path)
+    proc = spawn(COMMAND, supervisor_env(conn, result.queue, sim.url, results, args.poll, args.cloud), log_path)
     try:
         wait_for_work(results, result.number, proc, result.problems)
         result.completed_before_notice = len(unique_ids(completions(results, result.number)))
         time.sleep(random.uniform(0, args.poll))  # the notice lands anywhere in the poll cycle
-        notice = sim.simulate_eviction(delay_s=NOTICE_S)
+        event_id = give_notice(sim)
         noticed_at = time.time()
         released = wait_for_release(queue, results, result.number, args.messages, noticed_at, proc, log_path)
         if released is None:
@@ -208,13 +228,14 @@ def evict(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argpar
         stop_tree(proc)  # a no-op once it exited
     if result.exit_code not in (0, None):
         result.problems.append(f"supervisor exit code {result.exit_code}")
-    read_drain_log(log_path.read_text(errors="replace"), noticed_at, result)
-    read_ack(sim, notice["EventId"], noticed_at, result)
+    read_drain_log(log_path.read_text(errors="replace"), noticed_at, result, isinstance(sim, ImdsSimulator))
+    if isinstance(sim, ImdsSimulator):
+        read_ack(sim, event_id, noticed_at, result)
     result.completed_by_evicted = len(unique_ids(completions(results, result.number)))
     return queue
 
 
-def finish(conn: str, sim: ImdsSimulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> None:
+def finish(conn: str, sim: Simulator, work: Path, results: Path, args: argparse.Namespace, result: Round) -> None:
     """A replacement VM (no events) runs until every message of the round completed, then stops (SIGTERM)."""
     env = supervisor_env(conn, result.queue, sim.url, results, args.poll, "none")
     proc = spawn(COMMAND, env, work / f"round-{result.number}-replacement.log")
@@ -278,7 +299,8 @@ def account(rounds: list[Round], results: Path, left: dict[str, int], messages: 
 
 def print_summary(args: argparse.Namespace, summary: dict[str, dict[str, Any]], messages: dict[str, int], rounds: list[Round]) -> None:
     print()
-    print(f"{args.rounds} evictions, events.poll_interval_s = {args.poll}, {WORKERS} workers, {args.messages} messages a round, "
+    print(f"{args.rounds} evictions on {args.cloud}, events.poll_interval_s = {args.poll}, {WORKERS} workers, "
+          f"{args.messages} messages a round, "
           f"sample handler {CHUNKS} x {CHUNK_MS} ms chunks")
     for key, name in METRICS.items():
         stats = summary[key.removesuffix("_s")]
@@ -299,7 +321,9 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Round], dict[str, in
     results = work / "results.jsonl"
     rounds: list[Round] = []
     left = {"queue": 0, "poison": 0}
-    with ImdsSimulator(vm_name="vm-spot-07") as sim:
+    sim: Simulator = {"azure": lambda: ImdsSimulator(vm_name="vm-spot-07"), "aws": lambda: MetadataServer(AwsMetadata()),
+                      "gcp": lambda: MetadataServer(GcpMetadata())}[args.cloud]()
+    with sim:
         for round_no in range(args.rounds):
             result = Round(round_no, f"bench-evict-{round_no}")
             rounds.append(result)
@@ -308,7 +332,10 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Round], dict[str, in
             (work / f"azurite-{round_no}").mkdir()
             with azurite(work / f"azurite-{round_no}") as conn:
                 queue = evict(conn, sim, work, results, args, result)
-                sim.reset()
+                if isinstance(sim, ImdsSimulator):
+                    sim.reset()
+                else:
+                    sim.model.control("POST", "/simulate/reset", {})
                 finish(conn, sim, work, results, args, result)
                 for key, n in left_on(conn, queue).items():
                     left[key] += n
@@ -318,6 +345,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[Round], dict[str, in
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cloud", choices=("azure", "aws", "gcp"), default="azure", help="whose notices (default azure)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--poll", type=float, default=1.0, help="events.poll_interval_s (default 1, as shipped)")
     parser.add_argument("--messages", type=int, default=30, help=f"on each round's queue, at most {PEEK_MAX}")
@@ -338,8 +366,9 @@ def main() -> int:
     summary = summarize(rounds)
     messages = account(rounds, work / "results.jsonl", left, args.messages)
     print_summary(args, summary, messages, rounds)
-    save("eviction_timing", {
-        "config": {"rounds": args.rounds, "poll_interval_s": args.poll, "messages_per_round": args.messages, "workers": WORKERS,
+    save("eviction_timing" if args.cloud == "azure" else f"eviction_timing_{args.cloud}", {
+        "config": {"cloud": args.cloud, "rounds": args.rounds, "poll_interval_s": args.poll,
+                   "messages_per_round": args.messages, "workers": WORKERS,
                    "chunks": CHUNKS, "chunk_ms": CHUNK_MS, "notice_s": NOTICE_S, "release_poll_s": RELEASE_POLL_S},
         "rounds": [asdict(r) for r in rounds],
         "summary": {**summary, "messages": messages},

@@ -33,17 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
 
-    simulate = sub.add_parser("simulate", help="a local Azure IMDS simulator (Scheduled Events, instance metadata)")
+    simulate = sub.add_parser("simulate", help="a local metadata simulator: Azure IMDS, EC2 IMDSv2 or GCE metadata")
+    simulate.add_argument("--cloud", default="azure", choices=("azure", "aws", "gcp"),
+                          help="whose metadata service to serve (default: %(default)s)")
     simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     simulate.add_argument("--port", type=int, default=SIMULATOR_PORT, help="port to listen on (default: %(default)s)")
-    simulate.add_argument("--vm-name", default="vm-spot-07", help="compute.name served (default: %(default)s)")
-    simulate.add_argument("--vm-size", default="Standard_D2s_v3", help="compute.vmSize served (default: %(default)s)")
+    simulate.add_argument("--vm-name", default=None, help="the instance's name (default: vm-spot-07 on Azure, "
+                          "i-0abc1234def567890 on AWS, spot-render-07 on GCP)")
+    simulate.add_argument("--vm-size", default=None, help="its size (default: Standard_D2s_v3, m5.large, n2-standard-4)")
     simulate.add_argument("--priority", default="Spot", choices=("Spot", "Regular", "Low"),
-                          help="compute.priority served (default: %(default)s)")
+                          help="Spot or not (default: %(default)s; AWS serves spot/on-demand, GCP preemptible TRUE/FALSE)")
     simulate.add_argument("--evict-after", type=float, default=None, metavar="S",
                           help="post a Preempt for this VM S seconds after start")
-    simulate.add_argument("--notice", type=float, default=30.0, metavar="S",
-                          help="seconds between an eviction appearing and its NotBefore (default: %(default)s)")
+    simulate.add_argument("--notice", type=float, default=None, metavar="S",
+                          help="seconds between an eviction appearing and its NotBefore/time (default: 30; AWS 120)")
 
     prices = sub.add_parser("prices", help="this VM's Linux Spot and pay-as-you-go hourly prices and the savings "
                                            "(Azure Retail Prices API, cached for a day)")
@@ -136,13 +139,20 @@ def print_prices(settings: SupervisorSettings, sku: str | None, region: str | No
     from supervisor.ops.prices import PricesError, get_quote
     from supervisor.vm.imds import ImdsError, fetch_instance_info
     from supervisor.vm.planning import INSTANCE_TIMEOUT_S
+    from supervisor.vm.platform import choose_source
 
     if not (sku and region):
-        if settings.events.source != "azure":
-            print("prices: give --sku and --region (events.source is \"none\": no instance metadata to ask)", file=sys.stderr)
+        choice = choose_source(settings.events)
+        if choice.source in ("aws", "gcp"):
+            print(f"prices: not available on {choice.source.upper()} (Azure Retail Prices only); "
+                  "give --sku and --region of an Azure VM size", file=sys.stderr)
+            return 1
+        if choice.source != "azure":
+            print(f"prices: give --sku and --region (events source is \"{choice.source}\": no instance metadata to ask)",
+                  file=sys.stderr)
             return 1
         try:
-            instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
+            instance = fetch_instance_info(choice.endpoint, INSTANCE_TIMEOUT_S)
         except ImdsError as exc:
             print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
             return 1
@@ -167,11 +177,13 @@ def print_plan(settings: SupervisorSettings, as_json: bool) -> int:
     plan = make_plan(settings, facts)
     workload = settings.workload
     if as_json:  # exactly one of handler and command is set: the one that runs
-        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None,
+        print(json.dumps({**plan.to_dict(), "vm_name": facts.vm_name or None, "events_source": facts.events.source,
+                          "events_source_why": facts.events.why,
                           "handler": None if workload.command else workload.handler, "command": workload.command or None}))
     else:
         print(f"runs:     {describe_workload(workload)}")
         print(format_plan(plan))
+        print(f"events:   {facts.events.describe()}")
     return 0
 
 

@@ -31,6 +31,7 @@ from worker.settings import (
 __all__ = ["ConfigError", "SupervisorSettings", "load_supervisor_settings", "unknown_env_variables"]
 
 DEFAULT_DRAIN_ON = ("Preempt", "Terminate", "Reboot", "Redeploy")
+EVENT_SOURCES = ("auto", "azure", "aws", "gcp", "none")
 EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
 MAX_PER_CORE = 1024
 MAX_WORKERS_PER_GPU = 64
@@ -52,8 +53,8 @@ class ScalingSettings:
 
 @dataclass(frozen=True)
 class EventsSettings:
-    source: str = "azure"
-    endpoint: str = "http://169.254.169.254"
+    source: str = "auto"
+    endpoint: str = ""  # "" = the chosen source's own address (supervisor/vm/platform.py)
     poll_interval_s: float = 1.0
     request_timeout_s: float = 5.0
     drain_on: tuple[str, ...] = DEFAULT_DRAIN_ON
@@ -61,6 +62,8 @@ class EventsSettings:
     started_deadline_s: float = 5.0
     ack: str = "sole"
     vm_name: str = ""
+    dmi_dir: str = "/sys/class/dmi/id"
+    on_rebalance: str = "ignore"
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,11 @@ def validate_supervisor(s: SupervisorSettings, require_queue: bool = True) -> No
         _validate_scaling(f"scaling.sku.{vm_size}", {**dataclasses.asdict(s.scaling), **overrides})
 
     e = s.events
-    require(e.source in ("azure", "none"), "events.source", f"must be one of: azure, none; got {e.source!r}")
-    require(e.endpoint.startswith(("http://", "https://")), "events.endpoint", f"must be an http URL, got {e.endpoint!r}")
+    require(e.source in EVENT_SOURCES, "events.source", f"must be one of: {', '.join(EVENT_SOURCES)}; got {e.source!r}")
+    require(not e.endpoint or e.endpoint.startswith(("http://", "https://")), "events.endpoint",
+            f"must be an http URL (or empty for the source's own), got {e.endpoint!r}")
+    require(e.on_rebalance in ("ignore", "drain"), "events.on_rebalance", f"must be ignore or drain; got {e.on_rebalance!r}")
+    require(bool(e.dmi_dir), "events.dmi_dir", "must be a directory such as /sys/class/dmi/id")
     require_between(e.poll_interval_s, "events.poll_interval_s", 0, 60, low_inclusive=False,
                     note=" (a notice gives 30 s: poll well within it)")
     require_between(e.request_timeout_s, "events.request_timeout_s", 0, 300, low_inclusive=False)

@@ -8,7 +8,8 @@ import sys
 from supervisor import sdnotify
 from supervisor.build_info import describe_build
 from supervisor.config import SupervisorSettings, load_supervisor_settings
-from supervisor.events.azure import AzureScheduledEvents
+from supervisor.events.azure import EventSource
+from supervisor.events.sources import open_source
 from supervisor.events.watcher import EventWatcher
 from supervisor.ops.cost import CostTracker
 from supervisor.pool.arbiter import Arbiter
@@ -50,17 +51,19 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         new_settings = load_supervisor_settings(config_path)
         return new_settings, make_plan(new_settings, facts)
 
-    source: AzureScheduledEvents | None = None
+    source: EventSource | None = open_source(facts.events, settings, facts.vm_name)
     events: EventWatcher | None = None
-    if settings.events.source == "azure":
-        source = AzureScheduledEvents(settings.events.endpoint, settings.events.request_timeout_s)
+    if source is not None:
         events = EventWatcher(source, settings.events, facts.vm_name)
     cost = CostTracker(settings.cost.prices_endpoint, is_spot=facts.instance is None or facts.instance.is_spot)
     arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload, events=events,
                       exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)))
     if settings.cost.enabled:
         arbiter.metrics.observe_cost(cost, lambda: arbiter.totals().get("succeeded", 0))
-        if facts.instance is not None:
+        if facts.events.source in ("aws", "gcp"):
+            log.info("cost: prices are not available on %s (the Retail Prices API is Azure's): no prices this run",
+                     facts.events.source.upper())
+        elif facts.instance is not None:
             cost.fetch_in_background(facts.instance.vm_size, facts.instance.location)
         else:
             log.info("cost: no VM size and region without instance metadata: no prices this run "

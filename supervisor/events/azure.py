@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from supervisor.vm.imds import ImdsError, is_json_int, load_json, send, status_error
+from supervisor.vm.imds import ImdsError, InstanceInfo, fetch_instance_info, is_json_int, load_json, send, status_error
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ def _parse_not_before(where: str, text: str) -> datetime | None:
 
 
 class EventSource(Protocol):
-    """Where eviction notices come from (Azure now; AWS/GCP spot notices later)."""
+    """Where eviction notices come from: Azure here, AWS in events/aws.py, Google Cloud in events/gcp.py."""
+
+    name: str  # for the log: "Azure Scheduled Events"
+    acknowledges: bool  # False: the cloud has no acknowledgement, nothing is ever POSTed
 
     def poll(self) -> EventsDocument:
         """The current document; raises ImdsError on any failure."""
@@ -128,10 +131,25 @@ class EventSource(Protocol):
         """Approve the event so it starts now; raises ImdsError on failure."""
         ...
 
+    def next_poll_in(self, interval_s: float) -> float:
+        """Seconds to wait after a successful poll (0 when the poll itself waited for a change)."""
+        ...
+
+    def instance_info(self, timeout_s: float | None = None) -> InstanceInfo:
+        """This machine's name, size, region and priority; raises ImdsError on failure."""
+        ...
+
+    def close(self) -> None:
+        ...
+
 
 class AzureScheduledEvents:
+    name = "Azure Scheduled Events"
+    acknowledges = True
+
     def __init__(self, endpoint: str, request_timeout_s: float,
                  first_request_timeout_s: float = FIRST_REQUEST_TIMEOUT_S) -> None:
+        self.endpoint = endpoint
         self.url = f"{endpoint.rstrip('/')}/metadata/scheduledevents"
         self._params = {"api-version": API_VERSION}
         self._request_timeout_s = request_timeout_s
@@ -156,6 +174,12 @@ class AzureScheduledEvents:
         if not 200 <= response.status_code < 300:
             raise status_error("POST", self.url, response)
         log.info("acknowledged scheduled event %s", event_id)
+
+    def next_poll_in(self, interval_s: float) -> float:
+        return interval_s
+
+    def instance_info(self, timeout_s: float | None = None) -> InstanceInfo:
+        return fetch_instance_info(self.endpoint, timeout_s or self._request_timeout_s)
 
     def close(self) -> None:
         self._client.close()

@@ -52,11 +52,12 @@ OLDER_INCARNATION_ACCEPTED_AFTER_S = 30.0
 
 
 class EvictionPolicy:
-    def __init__(self, vm_name: str, settings: EventsSettings) -> None:
+    def __init__(self, vm_name: str, settings: EventsSettings, acknowledges: bool = True) -> None:
         if not vm_name:
             raise ValueError("vm_name is required to tell this VM's events from its neighbours'")
         self.vm_name = vm_name
         self.settings = settings
+        self.acknowledges = acknowledges  # False where the cloud has no acknowledgement (AWS, GCP)
         self._me = vm_name.casefold()
         self._incarnation: int | None = None
         self._older_since: float | None = None  # when documents older than _incarnation began to be served
@@ -128,6 +129,8 @@ class EvictionPolicy:
         if event.status == "Started":
             return "it has already started"  # under way: approving it again achieves nothing
         # An acknowledgement approves the event for every VM it lists.
+        if not self.acknowledges:
+            return False
         if self.settings.ack == "always":
             return ""
         if self.settings.ack == "sole":

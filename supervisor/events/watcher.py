@@ -16,7 +16,7 @@ from collections.abc import Callable
 from supervisor.config import EventsSettings
 from supervisor.events.azure import EventSource
 from supervisor.events.eviction import Acknowledged, Decision, EvictionPolicy
-from supervisor.vm.imds import ImdsError, fetch_instance_info
+from supervisor.vm.imds import ImdsError
 from supervisor.vm.planning import INSTANCE_TIMEOUT_S
 from worker.common.backoff import Backoff
 
@@ -64,8 +64,8 @@ class EventWatcher(threading.Thread):
         try:
             if not self._learn_vm_name():
                 return
-            self._policy = EvictionPolicy(self.vm_name, self.settings)
-            log.info("watching Scheduled Events at %s for %s (drain on %s)", self.settings.endpoint,
+            self._policy = EvictionPolicy(self.vm_name, self.settings, self._source.acknowledges)
+            log.info("watching %s for %s (drain on %s)", self._source.name,
                      self.vm_name, ", ".join(self.settings.drain_on))
             while not self._stopping.is_set():
                 self._stopping.wait(self.poll_once())
@@ -80,7 +80,7 @@ class EventWatcher(threading.Thread):
             if self._stopping.wait(backoff.next_delay()):
                 return False
             try:
-                self.vm_name = fetch_instance_info(self.settings.endpoint, INSTANCE_TIMEOUT_S).name
+                self.vm_name = self._source.instance_info(INSTANCE_TIMEOUT_S).name
                 log.info("instance metadata answered: this VM is %s", self.vm_name)
             except ImdsError as exc:
                 log.debug("instance metadata still unavailable: %s", exc)
@@ -89,7 +89,7 @@ class EventWatcher(threading.Thread):
     def poll_once(self) -> float:
         """One poll and its consequences; returns how long to wait before the next."""
         if self._policy is None:
-            self._policy = EvictionPolicy(self.vm_name, self.settings)
+            self._policy = EvictionPolicy(self.vm_name, self.settings, self._source.acknowledges)
         try:
             document = self._source.poll()
         except ImdsError as exc:
@@ -115,7 +115,7 @@ class EventWatcher(threading.Thread):
             return self._poll_interval_s
         for decision in decisions:
             self._report(decision)
-        return self._poll_interval_s
+        return self._source.next_poll_in(self._poll_interval_s)
 
     def acknowledge(self, event_id: str) -> None:
         """POST StartRequests on a thread of its own (the main loop never waits on IMDS);

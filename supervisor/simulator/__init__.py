@@ -1,4 +1,4 @@
-"""A local Azure IMDS over real HTTP, for the demo, the tests and the benchmarks.
+"""A local Azure IMDS (and EC2 / Compute Engine metadata) over real HTTP, for the demo, the tests and the benchmarks.
 
 A development tool: `spot-supervisor run` never imports it (only `simulate`
 does), so this package's `__init__` stays empty of imports.
@@ -6,7 +6,9 @@ does), so this package's `__init__` stays empty of imports.
   state   the model: instance metadata, Scheduled Events with their clock and
           DocumentIncarnation, acks, injected faults, request counts
   server  `ImdsSimulator`: the model served over HTTP on a background thread
-  cli     `spot-supervisor simulate`
+  cli     `spot-supervisor simulate` (--cloud azure|aws|gcp)
+  aws, gcp        the EC2 IMDSv2 and Compute Engine metadata models (their docstrings list
+                  their paths and controls), served by metadata_http
 
 Azure endpoints (400 without `Metadata: true` or without api-version):
   GET  /metadata/instance?api-version=...
