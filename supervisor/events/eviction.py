@@ -128,9 +128,9 @@ class EvictionPolicy:
         """Empty when this VM may acknowledge the event; otherwise why not."""
         if event.status == "Started":
             return "it has already started"  # under way: approving it again achieves nothing
-        # An acknowledgement approves the event for every VM it lists.
         if not self.acknowledges:
-            return False
+            return "this cloud has no acknowledgement"
+        # An acknowledgement approves the event for every VM it lists.
         if self.settings.ack == "always":
             return ""
         if self.settings.ack == "sole":
