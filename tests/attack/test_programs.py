@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -29,7 +30,9 @@ from testsupport.hostile_programs import (
 )
 from testsupport.queues import message_count, visible_ids
 from testsupport.waiting import wait_until
+from worker.message import Message
 from worker.programs.command import why_not_runnable
+from worker.programs.runner import ProgramHandler
 
 PROGRAMS = REPO / "tests" / "programs"
 
@@ -246,3 +249,27 @@ def test_control_characters_in_program_output_reach_the_log_escaped(
     assert f"message {message_id} stdout: colour \\x1b[31mred\\x1b[0m\\x0dover\\x07 tab\there\n" in log
     assert f"message {message_id} stderr: clear \\x1b[2J\\x1b]0;title\\x07 end\n" in log
     assert "\x1b" not in log and "\x07" not in log and "\r" not in log
+
+
+# --- whatever goes wrong while a run is supervised ------------------------------------------------------
+
+
+def test_an_error_while_supervising_a_run_kills_the_program_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's side failing (here: out of memory while reading the program's output) ends the attempt;
+    the program must not survive it, or a retry could run beside it."""
+    pid_file = tmp_path / "pid"
+    program = write_script(tmp_path / "p.sh", f"#!/bin/sh\necho $$ > {pid_file}\necho started\nexec sleep 30\n")
+    handler = ProgramHandler([str(program)], signal.SIGTERM, 0)
+
+    def out_of_memory(fd: int, lines: object) -> bool:
+        if pid_file.exists() and pid_file.read_text().strip():
+            raise MemoryError()
+        return True
+
+    monkeypatch.setattr("worker.programs.runner._read_available", out_of_memory)
+    ctx = SimpleNamespace(draining=False, deadline=None, state=None, message_id="m1")
+    with pytest.raises(MemoryError):
+        handler(Message("m1", "", 1, None), ctx)  # type: ignore[arg-type]
+    pid = int(pid_file.read_text())
+    assert gone(pid), "the program outlived its attempt"
+    assert handler.runs == set()
