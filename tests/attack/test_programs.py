@@ -4,7 +4,6 @@ through the run's files, by commands that cannot run, and through their output. 
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
