@@ -4,6 +4,7 @@ through the run's files, by commands that cannot run, and through their output. 
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -78,31 +79,59 @@ def gone(pid: int) -> bool:
 # --- secrets ---------------------------------------------------------------------------------------------
 
 
-def test_no_secret_reaches_a_program_or_can_be_read_from_its_worker_or_supervisor(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+def scanner_setup(azurite: Azurite, queue_name: str, tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(the environment to start with, {name: secret value} the scanner looks for)."""
     planted = planted_secrets()
     account_key = dict(part.split("=", 1) for part in azurite.connection_string.split(";") if "=" in part)["AccountKey"]
     wanted = {**planted, "SPOT_QUEUE_CONNECTION_STRING (its AccountKey)": account_key}
     secrets_file = tmp_path / "secrets"
     secrets_file.write_text("".join(f"{name}={value}\n" for name, value in wanted.items()))
     scanner = write_python_program(tmp_path / "scanner.py", SECRETS_SCANNER)
-    env = {**program_env(azurite, queue_name, str(scanner)), **planted, "PROG_SECRETS": str(secrets_file)}
-    queue.send_message("x")
-    # Root without capabilities: what any process of the supervisor's uid may read, its programs included.
-    sup = start(env, preexec_fn=drop_all_capabilities)
-    wait_until(lambda: message_count(queue) == 0, 30, lambda: f"the scan to end; log:\n{sup.log()[-3000:]}")
-    report = list(hostile_lines(sup.log()))
+    return {**program_env(azurite, queue_name, str(scanner)), **planted, "PROG_SECRETS": str(secrets_file)}, wanted
+
+
+def assert_nothing_found(log: str, wanted: dict[str, str], protected: list[int]) -> None:
+    report = list(hostile_lines(log))
     assert report[-1:] == ["done"], report
     assert [line for line in report if line.startswith("LEAK")] == [], report
-    worker = next(iter(sup.worker_pids()))
-    for pid in (worker, sup.pid):
+    for pid in protected:
         looked = [line for line in report if f"/proc/{pid}/" in line]
         assert any(f"/proc/{pid}/environ" in line for line in looked) and any(f"/proc/{pid}/mem" in line for line in looked)
         # Even a reader with every privilege (this test) finds nothing in their environment blocks.
         block = Path(f"/proc/{pid}/environ").read_bytes()
         assert [name for name, value in wanted.items() if value.encode() in block] == []
+
+
+def test_no_secret_reaches_a_program_or_can_be_read_from_its_worker_or_supervisor(
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+    env, wanted = scanner_setup(azurite, queue_name, tmp_path)
+    queue.send_message("x")
+    # Root without capabilities: what any process of the supervisor's uid may read, its programs included
+    # (the systemd unit's empty CapabilityBoundingSet makes the service exactly that).
+    sup = start(env, preexec_fn=drop_all_capabilities)
+    wait_until(lambda: message_count(queue) == 0, 30, lambda: f"the scan to end; log:\n{sup.log()[-3000:]}")
+    assert_nothing_found(sup.log(), wanted, [next(iter(sup.worker_pids())), sup.pid])
     sup.send(signal.SIGTERM)
     assert sup.wait(15) == 0
+
+
+def test_no_secret_can_be_read_from_a_standalone_worker(azurite: Azurite, queue: QueueClient, queue_name: str,
+                                                        tmp_path: Path) -> None:
+    env, wanted = scanner_setup(azurite, queue_name, tmp_path)
+    queue.send_message("x")
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, stdin=subprocess.DEVNULL, stderr=log_file,
+                                start_new_session=True, preexec_fn=drop_all_capabilities)
+    try:
+        wait_until(lambda: message_count(queue) == 0, 30, lambda: f"the scan to end; log:\n{log_path.read_text()[-3000:]}")
+        assert_nothing_found(log_path.read_text(), wanted, [proc.pid])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 # --- the checkpoint file --------------------------------------------------------------------------------

@@ -123,7 +123,10 @@ class ProgramHandler:
         try:
             self._run(message, ctx, run_dir)
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if run_dir.is_symlink():  # the program swapped its directory for a link: remove the link, not its target
+                run_dir.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
     def _run(self, message: Message, ctx: Context, run_dir: Path) -> None:
         try:
