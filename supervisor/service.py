@@ -15,8 +15,9 @@ from supervisor.ops.cost import CostTracker
 from supervisor.pool.arbiter import Arbiter
 from supervisor.vm.planning import VmFacts, make_plan, read_vm_facts
 from supervisor.vm.sizing import Plan
+from worker.common.secrets import protect_secrets
 from worker.handler import describe_workload
-from worker.programs.runner import resolve_command
+from worker.programs.command import resolve_command
 from worker.telemetry.providers import setup_telemetry
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
     """The service, with the settings `main` loaded (config_path is read again on SIGHUP)."""
     if settings.workload.command:
         resolve_command(settings.workload.command)  # a missing program: exit 78 now, not a retry storm per message
+    # The settings are read: from now on no process of the same uid (a program a worker runs) can read the
+    # secrets in this process's environment block or memory, nor in its workers' (forked: they inherit both).
+    protect_secrets()
     # After the checks that exit 78: a configuration error stays the only line.
     log.info("%s starting (python %s, config %s)", describe_build(), sys.version.split()[0], config_path or "defaults")
     facts = read_vm_facts(settings)

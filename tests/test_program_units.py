@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from testsupport.harness import REPO
+from worker.programs.command import resolve_command
 from worker.programs.files import CUT_MARK, OutputLines
-from worker.programs.runner import resolve_command
 from worker.settings import ConfigError, load_settings
 
 TESTS = REPO / "tests"

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from worker.common.secrets import protect_secrets
 from worker.process import WorkerProcess
 from worker.settings import ConfigError, load_settings
 from worker.telemetry.logs import setup_logging
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return os.EX_CONFIG
     setup_logging(settings.telemetry.log_level, "worker")
+    protect_secrets()  # the settings are read: the programs this worker runs cannot read its secrets
     telemetry = setup_telemetry(settings.telemetry, "worker")
     try:
         return WorkerProcess(settings, telemetry, threads=max(1, args.threads)).run()

@@ -7,7 +7,7 @@ environment. Exit 0 = done, 75 = released, anything else = failed. A drain sends
 started are killed and the message is released with its last checkpoint.
 
 Each run is its own session (so its process group can be killed without
-touching the worker); its files live in the worker's private directory and are
+touching the worker); its files live in a private directory of its own,
 removed when the run ends.
 """
 
@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import selectors
-import shlex
 import shutil
 import signal
 import subprocess
@@ -28,9 +27,11 @@ import time
 from pathlib import Path
 
 from worker.common.process_tree import kill_group, kill_process_tree
+from worker.common.secrets import program_environment
 from worker.context import Context
 from worker.handler import HandlerImportError
 from worker.message import Interrupted, Message
+from worker.programs.command import resolve_command
 from worker.programs.files import CheckpointFile, OutputLines, write_deadline_file
 from worker.settings import ConfigError, WorkloadSettings
 
@@ -46,25 +47,6 @@ class ProgramFailed(Exception):
     """The program's run failed (exit status, a signal the worker did not send, or workload.timeout_s)."""
 
 
-def resolve_command(command: str) -> list[str]:
-    """argv with argv[0] an absolute path to an executable file; ConfigError naming workload.command otherwise.
-    `command` has passed settings validation (it splits into at least one word)."""
-    argv = shlex.split(command)
-    program = argv[0]
-    if "/" in program:
-        path = os.path.abspath(program)
-        if not os.path.exists(path):
-            raise ConfigError("workload.command", f"{program}: no such file")
-        if os.path.isdir(path) or not os.access(path, os.X_OK):
-            raise ConfigError("workload.command", f"{program}: not an executable file")
-    else:
-        found = shutil.which(program)
-        if found is None:
-            raise ConfigError("workload.command", f"{program}: not found on PATH ({os.environ.get('PATH', '')})")
-        path = os.path.abspath(found)
-    return [path, *argv[1:]]
-
-
 class ProgramRun:
     """One program run for one message. Its lock serialises checkpoint stores and kills
     between the handler thread and a deadline (WorkerRuntime.abandon on the main thread)."""
@@ -75,7 +57,7 @@ class ProgramRun:
         self.checkpoint = checkpoint
         self.deadline_file = deadline_file
         self.lock = threading.Lock()
-        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" (stop_all) or "timeout" (killed)
+        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" (stop_all), "timeout" or "error" (killed)
         self.killed = False
         self.exited = False
 
@@ -119,8 +101,6 @@ class ProgramHandler:
         self.runs: set[ProgramRun] = set()
         self._runs_lock = threading.Lock()
         self.stopped = False  # stop_all ran: this process is about to exit
-        # One private directory (0700) per worker process; each run's files are numbered in it.
-        self.files_dir = Path(tempfile.mkdtemp(prefix=f"spot-{os.getpid()}-"))
         self._run_numbers = itertools.count(1)
 
     @classmethod
@@ -135,40 +115,60 @@ class ProgramHandler:
     def __call__(self, message: Message, ctx: Context) -> None:
         if ctx.draining:  # a drain began after this message was taken: give it back untouched
             raise Interrupted()
-        number = next(self._run_numbers)
-        files = [self.files_dir / f"{number}.checkpoint.json", self.files_dir / f"{number}.deadline"]
+        try:  # each run's files in a private directory (0700) of its own: what one program does to it is its own business
+            run_dir = Path(tempfile.mkdtemp(prefix=f"spot-{os.getpid()}-{next(self._run_numbers)}-"))
+        except OSError as exc:
+            log.error("message %s: cannot create the run's directory (%s); releasing the message", message.id, exc.strerror)
+            raise Interrupted() from None
         try:
-            checkpoint = CheckpointFile(files[0], ctx)
-            # The worker's environment as it is now (GPU pinning included), without our own configuration:
-            # a connection string among it is not the program's business.
-            env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPOT_")},
-                   "SPOT_MESSAGE_ID": message.id,
-                   "SPOT_DEQUEUE_COUNT": str(message.dequeue_count),
-                   "SPOT_INSERTED_ON": message.inserted_on.isoformat() if message.inserted_on else "",
-                   "SPOT_CHECKPOINT_FILE": str(checkpoint.path),
-                   "SPOT_DEADLINE_FILE": str(files[1])}
-            try:
-                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env=env, start_new_session=True)
-            except OSError as exc:  # e.g. the file vanished since start: a failed attempt, not a dead worker
-                raise ProgramFailed(f"cannot start {self.argv[0]}: {exc.strerror}") from None
-            run = ProgramRun(proc, ctx, checkpoint, files[1])
-            with self._runs_lock:
-                self.runs.add(run)
-                if self.stopped:  # started while stop_all ran: it must not outlive the worker either
-                    run.kill("deadline")
-            try:
-                returncode = self._supervise(run, message)
-            finally:
-                with self._runs_lock:
-                    self.runs.discard(run)
-            self._judge(run, returncode, message)
+            self._run(message, ctx, run_dir)
         finally:
-            _remove(files)
+            if run_dir.is_symlink():  # the program swapped its directory for a link: remove the link, not its target
+                run_dir.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _run(self, message: Message, ctx: Context, run_dir: Path) -> None:
+        try:
+            checkpoint = CheckpointFile(run_dir / "checkpoint.json", ctx)
+        except OSError as exc:  # the handler never ran: not a failure
+            log.error("message %s: cannot write the checkpoint file (%s); releasing the message", message.id, exc.strerror)
+            raise Interrupted() from None
+        deadline_file = run_dir / "deadline"
+        # The worker's environment as it is now (GPU pinning included), without the package's secrets and settings.
+        env = {**program_environment(os.environ),
+               "SPOT_MESSAGE_ID": message.id,
+               "SPOT_DEQUEUE_COUNT": str(message.dequeue_count),
+               "SPOT_INSERTED_ON": message.inserted_on.isoformat() if message.inserted_on else "",
+               "SPOT_CHECKPOINT_FILE": str(checkpoint.path),
+               "SPOT_DEADLINE_FILE": str(deadline_file)}
+        try:
+            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=env, start_new_session=True)
+        except OSError as exc:  # e.g. the file or its interpreter vanished since start: the program never ran
+            log.error("message %s: cannot start %s (%s); releasing the message", message.id, self.argv[0], exc.strerror)
+            raise Interrupted() from None
+        run = ProgramRun(proc, ctx, checkpoint, deadline_file)
+        with self._runs_lock:
+            self.runs.add(run)
+            if self.stopped:  # started while stop_all ran: it must not outlive the worker either
+                run.kill("deadline")
+        try:
+            returncode = self._supervise(run, message)
+        except BaseException:  # the program must not outlive its attempt (a retry could run beside it)
+            run.kill("error")
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            raise
+        finally:
+            with self._runs_lock:
+                self.runs.discard(run)
+        self._judge(run, returncode, message)
 
     def close(self) -> None:
-        """When the worker exits: its runs' directory goes too."""
-        shutil.rmtree(self.files_dir, ignore_errors=True)
+        """When the worker exits: nothing left to do (each run removes its own directory)."""
 
     def stop_all(self) -> None:
         """At the drain deadline, before the worker releases what it holds: kill every running
@@ -220,7 +220,7 @@ class ProgramHandler:
                 now = time.monotonic()
                 drain_deadline = _epoch(run.ctx)
                 if drain_deadline is not None and drain_deadline != deadline_written:
-                    write_deadline_file(run.deadline_file, drain_deadline)
+                    write_deadline_file(run.deadline_file, drain_deadline, message.id)
                     if deadline_written is None:
                         run.stopped_by = run.stopped_by or "drain"
                         log.info("message %s: drain, sending %s to the program", message.id, signal.Signals(self.stop_signal).name)
@@ -277,17 +277,6 @@ class ProgramHandler:
                      "killed at the drain deadline" if stopped_by == "deadline" else f"ended ({_describe(returncode)})")
             raise Interrupted()
         raise ProgramFailed(_describe(returncode))
-
-
-def _remove(files: list[Path]) -> None:
-    for path in files:
-        for leftover in (path, path.with_name(path.name + ".tmp"), path.with_name(f".{path.name}.tmp")):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("cannot remove %s: %s", leftover, exc.strerror)
 
 
 def _epoch(ctx: Context) -> float | None:
