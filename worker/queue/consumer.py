@@ -236,10 +236,15 @@ class Consumer:
             # A version-1 envelope: its release count is not trusted, so its earlier attempts are not counted
             # at all (once: the next settle rewrites it in the current form).
             envelope = replace(envelope, releases=dequeue_count - 1)
+        earlier = self.shared.leases.earlier(qm.id)
+        if earlier is not None and earlier.supersede():
+            # Its lease ran out while it waited here (this receipt replaced that one): that delivery never ran.
+            log.warning("message %s was handed out again while this worker held it unstarted: the earlier delivery "
+                        "is dropped and counted as released", qm.id)
+            envelope = replace(envelope, releases=envelope.releases + 1)
         lease = self.lease(qm, envelope)
-        prior_failures = max(0, dequeue_count - 1 - envelope.releases)
+        prior_failures = judged_failures(envelope, dequeue_count, self.settings.max_dequeue_count)
         if prior_failures >= self.settings.max_dequeue_count:
-            # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
             self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})",
                         dequeue_count, qm.inserted_on)
             return None
@@ -334,6 +339,22 @@ class Consumer:
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
         text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
         self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text), handler_s)
+
+
+def judged_failures(envelope: Envelope, dequeue_count: int, max_dequeue_count: int) -> int:
+    """The earlier attempts of a message that count toward poison.
+
+    A failure (the handler ran and raised, or its program failed) is recorded in the message by the retry's
+    update, and counts in full; a release never counts. A delivery the message does not account for ended
+    without a settle of ours: either its consumer died with it (a crash, a kill, the VM lost), or its lease
+    ran out before its handler started (a stuck or cut-off worker). The message cannot tell the two apart,
+    and a delivery that never ran must not count, yet a message that kills its worker every time must end
+    in poison rather than loop forever. So unaccounted deliveries count only beyond a grace of
+    max_dequeue_count: such a message is poisoned after about twice max_dequeue_count deliveries, and leases
+    lost for any other reason do not move a message toward poison until that many were lost.
+    """
+    unaccounted = max(0, dequeue_count - 1 - envelope.releases - envelope.failures)
+    return envelope.failures + max(0, unaccounted - max_dequeue_count)
 
 
 class ReceiveAhead:

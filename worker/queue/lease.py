@@ -79,11 +79,30 @@ class Lease:
                     slots.record(slot, self.pop_receipt, self.renewed_at)
 
     def start(self) -> bool:
-        """PENDING → RUNNING; False when a drain released it first."""
+        """PENDING → RUNNING; False when a drain released it first, or its lease ran out while it waited
+        (the queue may have handed it to another consumer: running it here too would run it twice)."""
         with self.lock:
             if self.state is not LeaseState.PENDING:
                 return False
-            self.state = LeaseState.RUNNING
+            with self._shared_slot():  # the guard may have renewed it meanwhile
+                if time.monotonic() - self.renewed_at >= self.visibility_timeout_s:
+                    log.warning("the lease of message %s ran out before its handler started; left to the queue", self.id)
+                    self.state = LeaseState.DONE
+                    return False
+                self.state = LeaseState.RUNNING
+                return True
+
+    def supersede(self) -> bool:
+        """The queue handed this message out again, so this receipt is void. A lease whose handler has not
+        started ends here (True: that delivery never ran). A running or settling one goes on: its next
+        queue call finds the lease lost. Never waits behind a final call under way."""
+        if self.state is not LeaseState.PENDING:  # states only move forward: no lock needed to rule PENDING out
+            return False
+        with self.lock:
+            if self.state is not LeaseState.PENDING:
+                return False
+            with self._shared_slot():
+                self.state = LeaseState.DONE
             return True
 
     def begin_settling(self) -> bool:
@@ -101,9 +120,13 @@ class Lease:
         self.pop_receipt = receipt.pop_receipt or self.pop_receipt
         self.renewed_at = time.monotonic()
 
-    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: tuple[LeaseState, ...] | None = None) -> bool:
-        """Run one queue call under the lock; a lost lease is logged and ends the lease."""
-        with self.lock:
+    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: tuple[LeaseState, ...] | None = None,
+                 wait: bool = True) -> bool:
+        """Run one queue call under the lock; a lost lease is logged and ends the lease. With wait=False,
+        nothing is done (False) while another call holds the lock."""
+        if not self.lock.acquire(blocking=wait):
+            return False
+        try:
             if self.state is LeaseState.DONE or (only_if is not None and self.state not in only_if):
                 return False
             with self._shared_slot():
@@ -120,13 +143,18 @@ class Lease:
                 if finish:
                     self.state = LeaseState.DONE
                 return True
+        finally:
+            self.lock.release()
 
     def renew(self, timeout_s: float | None = None) -> bool:
-        """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one)."""
+        """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one).
+        Skipped (False) while another call holds the lease: a checkpoint renews it anyway, and a final call may
+        hang until its request times out (a lost response), which must not hold up renewals."""
         request: dict[str, Any] = {}
         if timeout_s is not None:
             request = {"connection_timeout": timeout_s, "read_timeout": timeout_s, "retry_total": 0}
-        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s, **request), finish=False)
+        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s, **request), finish=False,
+                             wait=False)
 
     def checkpoint(self, envelope: Envelope, text: str) -> bool:
         """Store `envelope` (already sealed as `text`) and renew the lease in the same call."""
@@ -151,8 +179,12 @@ class Lease:
         return self._guarded("move to poison", move, finish=True)
 
     def retry_later(self, delay_s: int) -> bool:
-        # An upgraded envelope is rewritten now, or every retry would forgive its failures again.
-        content = self.codec.seal(self.envelope, self.id) if self.envelope.upgraded else None
+        """Visible again after `delay_s`, with this failed attempt recorded in the message (the same update)."""
+        counted = replace(self.envelope, failures=self.envelope.failures + 1, upgraded=False)
+        content: str | None = self.codec.seal(counted, self.id)
+        if content is not None and text_size(content) > MAX_MESSAGE_BYTES:
+            # No room for the header: the failure goes unrecorded (it still counts, late: see judged_failures).
+            content = None
         return self._guarded("retry", lambda: self._update(content, delay_s), finish=True)
 
     def release(self, only_if: tuple[LeaseState, ...] | None = None, delay_s: int = 0) -> bool:
@@ -187,12 +219,21 @@ class LeaseTable:
         self._lock = threading.Lock()
 
     def add(self, lease: Lease) -> None:
+        """Hold `lease`. A lease this process still held for the same message (its receipt was voided when the
+        queue handed the message out again) must have been superseded first: see `earlier`."""
         with self._lock:
             self._leases[lease.id] = lease
 
-    def remove(self, lease: Lease) -> None:
+    def earlier(self, message_id: str) -> Lease | None:
+        """The lease this process holds for `message_id`, if any."""
         with self._lock:
-            self._leases.pop(lease.id, None)
+            return self._leases.get(message_id)
+
+    def remove(self, lease: Lease) -> None:
+        """Forget `lease` (not a later delivery of the same message that replaced it)."""
+        with self._lock:
+            if self._leases.get(lease.id) is lease:
+                del self._leases[lease.id]
 
     def snapshot(self) -> list[Lease]:
         with self._lock:
