@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from azure.storage.queue import QueueClient
 
 from worker.queue.client import describe, is_lease_lost, make_queue_client
+from worker.queue.consumer import most_held
 from worker.queue.lease_slots import HeldMessage, LeaseSlots
 from worker.settings import QueueSettings
 
@@ -58,8 +59,8 @@ class LeaseGuard(threading.Thread):
 
     @staticmethod
     def new_table(threads: int, settings: QueueSettings) -> LeaseSlots:
-        """Before fork: room for everything one worker can hold (a full batch per consumer thread)."""
-        return LeaseSlots(max(1, threads) * settings.batch_size)
+        """Before fork: room for everything one worker can hold."""
+        return LeaseSlots(most_held(threads, settings))
 
     def watch(self, pid: int, slots: LeaseSlots, settings: QueueSettings) -> None:
         client = self._client(settings)

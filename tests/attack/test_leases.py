@@ -13,17 +13,19 @@ from pathlib import Path
 import pytest
 from azure.storage.queue import QueueClient
 
+from supervisor.pool.lease_guard import LeaseGuard
 from testsupport.azurite import Azurite, connection_string
-from testsupport.handlers import read_records, succeeded_ids
-from testsupport.harness import worker_settings
+from testsupport.handlers import RECORD_ENV, read_records, succeeded_ids
+from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, worker_settings
 from testsupport.proxy import FaultProxy
 from testsupport.queues import message_count, peek_texts
 from testsupport.waiting import wait_until
 from worker.message import Codec, Envelope
-from worker.queue.consumer import Consumer, Shared, judged_failures
+from worker.queue.consumer import Consumer, Shared, judged_failures, most_held
 from worker.queue.lease import LeaseState
+from worker.queue.lease_slots import LeaseSlots
 from worker.runtime import WorkerRuntime
-from worker.settings import Settings
+from worker.settings import QueueSettings, Settings
 from worker.telemetry.providers import Telemetry
 
 
@@ -121,3 +123,55 @@ def test_a_failure_is_recorded_in_the_message(
     envelope, _ = Codec("none").open(peeked.content, peeked.id)
     assert (peeked.id, envelope.failures, envelope.releases) == (sent.id, 1, 0)
     assert [s["dequeue_count"] for s in read_records(record_path, "start")] == [1]
+
+
+# -- high 4: the shared lease table was smaller than what a worker holds ---------------------------
+
+
+def test_a_worker_holding_the_gil_with_messages_received_ahead_runs_each_message_once(
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
+        supervisors: Callable[..., Supervisor]) -> None:
+    # Before: the table had threads x batch_size slots; a batch received ahead while the last one ran or settled
+    # got none, so while a handler held the GIL nothing renewed those messages: their leases ran out, the
+    # other worker ran them, and the first ran them again.
+    record = tmp_path / "attempts.jsonl"
+    sent = {queue.send_message(json.dumps({"hold_gil_s": 2.5, "n": i})).id for i in range(8)}
+    env = child_env(azurite, queue_name=queue_name, queue_batch_size="2", queue_prefetch_s="0",
+                    queue_visibility_timeout_s="2", queue_idle_poll_max_s="0.2", queue_max_dequeue_count="5",
+                    scaling_workers="2", workload_handler=RECORD_HANDLER)
+    env[RECORD_ENV] = str(record)
+    sup = supervisors(env)
+    wait_until(lambda: succeeded_ids(record) >= sent, 90,
+               what=lambda: f"every message to be processed ({len(succeeded_ids(record))} of {len(sent)})")
+    wait_until(lambda: message_count(queue) == 0, 20, what="every message to leave the queue")
+    starts = read_records(record, "start")
+    assert sorted(s["id"] for s in starts) == sorted(sent), f"a message ran twice: {starts}\n{sup.log()[-3000:]}"
+    assert "no slot in the shared lease table" not in sup.log()
+
+
+def test_the_shared_lease_table_has_room_for_everything_a_worker_can_hold() -> None:
+    settings = QueueSettings(connection_string="x", batch_size=5, max_outstanding_settles=3)
+    # Per thread its batch and the next one received ahead, plus the final calls still under way.
+    assert LeaseGuard.new_table(2, settings).slots == most_held(2, settings) == 2 * 2 * 5 + 3
+
+
+def test_the_shared_lease_table_cannot_overflow_silently(
+        azurite: Azurite, queue: QueueClient, queue_name: str, telemetry: Telemetry,
+        caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(3):
+        queue.send_message(f"m{i}")
+    settings = worker_settings(azurite, queue_name).queue
+    slots = LeaseSlots(2)
+    shared = Shared(settings, lambda m, c: None, telemetry, Codec("none"), lease_slots=slots)
+    consumer = Consumer(shared)
+    assert len(consumer.receive_batch(3) or []) == 2, "received more messages than there are free slots"
+    assert consumer.receive_batch(1) is None
+    assert "every slot of the shared lease table is taken" in caplog.text
+
+    # A message that finds no slot after all (another thread took the last one meanwhile) is given back.
+    [straggler] = list(queue.receive_messages(max_messages=1, visibility_timeout=30))
+    assert consumer.open(straggler) is None
+    assert f"no slot in the shared lease table for message {straggler.id}" in caplog.text
+    [again] = wait_until(lambda: queue.peek_messages(max_messages=1), 5, what="the message given back")
+    assert Codec("none").open(again.content, again.id)[0].releases == 1  # given back, not failed
+    assert len(shared.leases) == 2

@@ -160,6 +160,11 @@ class Consumer:
                 return None
             counters.receiving += 1
         try:
+            if (slots := self.shared.lease_slots) is not None and (free := slots.free_count()) < n:
+                if free == 0:
+                    log.warning("every slot of the shared lease table is taken; not receiving until one is free")
+                    return None
+                n = free
             received = self.receive(n)
             if not received:
                 return None
@@ -243,6 +248,12 @@ class Consumer:
                         "is dropped and counted as released", qm.id)
             envelope = replace(envelope, releases=envelope.releases + 1)
         lease = self.lease(qm, envelope)
+        if self.shared.lease_slots is not None and lease.slot is None:
+            # Held without a slot, nothing could renew it while a handler holds the GIL: give it back instead.
+            log.warning("no slot in the shared lease table for message %s; giving it back", qm.id)
+            if lease.release():
+                self.shared.counters.add("released")
+            return None
         prior_failures = judged_failures(envelope, dequeue_count, self.settings.max_dequeue_count)
         if prior_failures >= self.settings.max_dequeue_count:
             self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})",
@@ -339,6 +350,13 @@ class Consumer:
         log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
         text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
         self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text), handler_s)
+
+
+def most_held(threads: int, settings: QueueSettings) -> int:
+    """The most messages one worker process can hold at once: per consumer thread, its batch and the next one
+    received ahead (settling messages of its batch included), plus the final calls of earlier batches still
+    under way (at most max_outstanding_settles: the settler makes consumers wait beyond that)."""
+    return max(1, threads) * 2 * settings.batch_size + settings.max_outstanding_settles
 
 
 def judged_failures(envelope: Envelope, dequeue_count: int, max_dequeue_count: int) -> int:
