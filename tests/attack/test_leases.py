@@ -18,7 +18,7 @@ from testsupport.azurite import Azurite, connection_string
 from testsupport.handlers import RECORD_ENV, read_records, succeeded_ids
 from testsupport.harness import RECORD_HANDLER, Supervisor, child_env, worker_settings
 from testsupport.proxy import FaultProxy
-from testsupport.queues import message_count, peek_texts
+from testsupport.queues import message_count, peek_texts, poisoned_originals
 from testsupport.waiting import wait_until
 from worker.message import Codec, Envelope
 from worker.queue.consumer import Consumer, Shared, judged_failures, most_held
@@ -175,3 +175,28 @@ def test_the_shared_lease_table_cannot_overflow_silently(
     [again] = wait_until(lambda: queue.peek_messages(max_messages=1), 5, what="the message given back")
     assert Codec("none").open(again.content, again.id)[0].releases == 1  # given back, not failed
     assert len(shared.leases) == 2
+
+
+# -- medium: a deleted poison queue was read as a lost lease -----------------------------------------
+
+
+def test_a_deleted_poison_queue_is_created_again_and_the_message_lands_in_it(
+        azurite: Azurite, queue: QueueClient, queue_name: str, record_path: Path,
+        runtimes: Callable[..., WorkerRuntime], caplog: pytest.LogCaptureFixture) -> None:
+    # Before: the send's 404 (QueueNotFound) was taken for a lost lease; the message stayed on the queue, came
+    # back every visibility timeout, and the log said "moved to ...-poison" each time although nothing moved.
+    poison = azurite.queue(f"{queue_name}-poison")
+    queue.send_message(json.dumps({"fail": True, "n": 1}))
+    runtime = runtimes(worker_settings(azurite, queue_name, max_dequeue_count=1, visibility_timeout_s=2))
+    wait_until(lambda: runtime.stats()["poisoned"] == 1, 10, what="the first message to be poisoned")
+    poison.delete_queue()  # by an operator, say, while the worker runs
+
+    second = json.dumps({"fail": True, "n": 2})
+    queue.send_message(second)
+    wait_until(lambda: runtime.stats()["poisoned"] == 2, 10,
+               what=lambda: f"the second message to be poisoned: {runtime.stats()}")
+    assert poisoned_originals(poison) == [second]
+    assert message_count(queue) == 0
+    assert runtime.stats()["lease_lost"] == 0
+    assert [r for r in read_records(record_path, "start") if r["body"] == second][0]["dequeue_count"] == 1
+    assert caplog.text.count(f"moved to {queue_name}-poison") == 2

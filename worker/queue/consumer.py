@@ -347,9 +347,15 @@ class Consumer:
 
     def poison(self, lease: Lease, reason: str, dequeue_count: int | None = None, inserted_on: datetime | None = None,
                handler_s: float | None = None) -> None:
-        log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
         text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
-        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text), handler_s)
+
+        def move() -> bool:
+            moved = lease.move_to(self.shared.poison_client(), text)
+            if moved:  # said once it happened, not before (a move that fails leaves it on the queue)
+                log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
+            return moved
+
+        self.settle(lease, "poisoned", move, handler_s)
 
 
 def most_held(threads: int, settings: QueueSettings) -> int:

@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from azure.core.exceptions import HttpResponseError
 from azure.storage.queue import QueueClient
 
 from worker.message import MAX_MESSAGE_BYTES, Codec, Envelope, UndecodableMessage, text_size
-from worker.queue.client import describe, is_lease_lost
+from worker.queue.client import describe, ensure_queue, is_lease_lost, is_queue_missing
 from worker.queue.lease_slots import LeaseSlots
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,15 @@ class Lease:
         """Copy `text` (default: the original text) to the poison queue, then delete: never the other way round.
         Under the lock, so a message released meanwhile (deadline) is not copied while it is back on the queue."""
         def move() -> None:
-            poison.send_message(self.envelope.original if text is None else text, time_to_live=-1)  # never expires
+            content = self.envelope.original if text is None else text
+            try:
+                poison.send_message(content, time_to_live=-1)  # never expires
+            except HttpResponseError as exc:
+                if not is_queue_missing(exc):
+                    raise
+                log.warning("poison queue %s is missing (deleted?); creating it again", poison.queue_name)
+                ensure_queue(poison)
+                poison.send_message(content, time_to_live=-1)
             self.client.delete_message(self.id, self.pop_receipt)
 
         return self._guarded("move to poison", move, finish=True)
