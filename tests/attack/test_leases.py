@@ -200,3 +200,20 @@ def test_a_deleted_poison_queue_is_created_again_and_the_message_lands_in_it(
     assert runtime.stats()["lease_lost"] == 0
     assert [r for r in read_records(record_path, "start") if r["body"] == second][0]["dequeue_count"] == 1
     assert caplog.text.count(f"moved to {queue_name}-poison") == 2
+
+
+# -- low: a message released at the deadline was counted twice ---------------------------------------
+
+
+def test_a_message_released_at_the_deadline_is_counted_once(
+        azurite: Azurite, queue: QueueClient, queue_name: str, record_path: Path,
+        runtimes: Callable[..., WorkerRuntime]) -> None:
+    # Before: counted "released" by the deadline, then "lease_lost" when its handler returned.
+    queue.send_message(json.dumps({"sleep": 1.5, "ignore_drain": True}))
+    runtime = runtimes(worker_settings(azurite, queue_name))
+    wait_until(lambda: read_records(record_path, "start"), 10, what="the handler to start")
+    assert runtime.abandon() == 1
+    wait_until(lambda: read_records(record_path, "end"), 10, what="the handler to return")
+    wait_until(lambda: runtime.stats()["held"] == 0, 5, what="the lease to be dropped")
+    stats = runtime.stats()
+    assert (stats["released"], stats["lease_lost"], stats["succeeded"]) == (1, 0, 0), stats

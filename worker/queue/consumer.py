@@ -306,8 +306,13 @@ class Consumer:
     def settle(self, lease: Lease, outcome: str, action: Callable[[], bool], handler_s: float | None = None) -> None:
         """Run the final queue call for a message on the settler (waiting for a slot when it is busy); a lost
         lease or a queue error leaves it on the queue. The outcome is counted once the queue confirmed it."""
-        if not lease.begin_settling():  # released at the deadline meanwhile: nothing left to do
-            self.settled(lease, "lease_lost", handler_s)
+        if not lease.begin_settling():  # ended meanwhile: nothing left to do
+            if lease.released:  # at the deadline, and counted then: once is enough
+                self.shared.leases.remove(lease)
+                if handler_s is not None:
+                    self.shared.telemetry.record_message("released", handler_s)
+            else:
+                self.settled(lease, "lease_lost", handler_s)
             return
 
         def call() -> None:

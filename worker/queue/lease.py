@@ -45,6 +45,7 @@ class Lease:
         self.visibility_timeout_s = visibility_timeout_s
         self.renewed_at = time.monotonic()
         self.state = LeaseState.PENDING
+        self.released = False  # given back by release(): counted as released where that was called
         self.lock = threading.Lock()
         # Shared with the supervisor's lease guard (see worker.queue.lease_slots); None in a standalone worker.
         self.slots = slots
@@ -213,7 +214,8 @@ class Lease:
             self.client.send_message(self.envelope.original, visibility_timeout=delay_s or None)
             self.client.delete_message(self.id, self.pop_receipt)
 
-        return self._guarded("release", give_back, finish=True, only_if=only_if)
+        self.released = self._guarded("release", give_back, finish=True, only_if=only_if)
+        return self.released
 
     def finish_without_call(self) -> None:
         with self.lock, self._shared_slot():
