@@ -113,7 +113,8 @@ class Codec:
         if payload.startswith(LEGACY_ENVELOPE_PREFIX):
             # Written by version 1, which trusted any text with this prefix. Only its `original` is used
             # (a forged one is no worse than sending that text): its checkpoint and release count cannot be
-            # told from a producer's forgery, so they are dropped (see Consumer.open).
+            # told from a producer's forgery, so they are dropped, and its earlier attempts are not counted
+            # at all (see Consumer._open).
             original = _legacy_original(payload)
             if original is not None:
                 return Envelope(original, upgraded=True), self.decode_text(original)

@@ -25,6 +25,7 @@ from azure.storage.queue import QueueClient
 
 from worker.queue.client import describe, is_lease_lost, make_queue_client
 from worker.queue.consumer import most_held
+from worker.queue.lease import renewal_timeout_s
 from worker.queue.lease_slots import HeldMessage, LeaseSlots
 from worker.settings import QueueSettings
 
@@ -160,4 +161,4 @@ class LeaseGuard(threading.Thread):
 
     @staticmethod
     def _request_timeout(worker: WatchedWorker) -> float:
-        return max(0.5, min(10.0, worker.visibility_timeout_s / 6))
+        return renewal_timeout_s(worker.visibility_timeout_s, 10.0)

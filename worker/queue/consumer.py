@@ -27,7 +27,7 @@ from worker.context import Context, StopSignal
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.programs.runner import ProgramFailed
 from worker.queue.client import describe, ensure_queue, is_auth_error, make_queue_client
-from worker.queue.lease import Lease, LeaseState, LeaseTable
+from worker.queue.lease import Lease, LeaseTable
 from worker.queue.lease_slots import LeaseSlots
 from worker.queue.poisoned import poisoned_text
 from worker.queue.settle import Settler
@@ -42,12 +42,11 @@ handler_log = logging.getLogger("worker.handler")
 class Counters:
     by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESSAGE_OUTCOMES, 0))
     running: int = 0
-    receiving: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, outcome: str) -> None:
+    def add(self, outcome: str, n: int = 1) -> None:
         with self.lock:
-            self.by_outcome[outcome] += 1
+            self.by_outcome[outcome] += n
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
@@ -63,8 +62,7 @@ class Shared:
     telemetry: Telemetry
     codec: Codec
     leases: LeaseTable = field(default_factory=LeaseTable)
-    stop: StopSignal = field(default_factory=StopSignal)  # handlers' view: ctx.draining, ctx.deadline
-    stop_receiving: threading.Event = field(default_factory=threading.Event)
+    stop: StopSignal = field(default_factory=StopSignal)  # also the handlers' view: ctx.draining, ctx.deadline
     counters: Counters = field(default_factory=Counters)
     lease_slots: LeaseSlots | None = None  # shared with the supervisor's lease guard
     settler: Settler = field(init=False)
@@ -89,7 +87,7 @@ class Consumer:
         self.index = index
         self.settings = shared.settings
         self.client = make_queue_client(self.settings)
-        self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
+        self.empty_polls = Backoff(0.1, self.settings.idle_poll_max_s)  # while the queue has nothing
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
         self.receive_s = 0.0  # moving average of a Get Messages round trip
@@ -121,7 +119,7 @@ class Consumer:
         self.handler_s = seconds if self.handler_s is None else 0.8 * self.handler_s + 0.2 * seconds
 
     def run(self) -> None:
-        stop = self.shared.stop_receiving
+        stop = self.shared.stop
         if self.index == 0:
             self.create_queue()
         try:
@@ -139,9 +137,9 @@ class Consumer:
                     continue
                 self.errors.reset()
                 if batch is None:
-                    stop.wait(self.idle.next_delay())
+                    stop.wait(self.empty_polls.next_delay())
                     continue
-                self.idle.reset()
+                self.empty_polls.reset()
                 self.run_batch(batch)
         finally:
             if self.ahead is not None:  # stay alive (and counted as receiving) until it is back: see WorkerRuntime.idle
@@ -154,11 +152,9 @@ class Consumer:
     def receive_batch(self, n: int) -> list[tuple[Lease, Message, int]] | None:
         """Receive up to n and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
-        counters = self.shared.counters
-        with counters.lock:  # checked and counted together: WorkerRuntime.stop_receiving sets it under this lock
-            if self.shared.stop_receiving.is_set():
-                return None
-            counters.receiving += 1
+        stop = self.shared.stop
+        if not stop.begin_receive():
+            return None
         try:
             if (slots := self.shared.lease_slots) is not None and (free := slots.free_count()) < n:
                 if free == 0:
@@ -169,13 +165,12 @@ class Consumer:
             if not received:
                 return None
             opened = [opened for opened in map(self.open, received) if opened is not None]
-            if self.shared.stop.is_set:  # began while this receive was under way (ahead, maybe): give them back now
+            if stop.is_set():  # began while this receive was under way (ahead, maybe): give them back now
                 release_pending(self.shared)
                 return None
             return opened
         finally:
-            with counters.lock:
-                counters.receiving -= 1
+            stop.end_receive()
 
     def create_queue(self) -> None:
         try:
@@ -196,7 +191,7 @@ class Consumer:
 
     def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
         for position, (lease, message, prior_failures) in enumerate(batch):
-            if self.shared.stop.is_set:
+            if self.shared.stop.is_set():
                 # Checked before every message, not once per batch: the drain releases pending leases one
                 # request at a time, and the next message of this batch must not start meanwhile.
                 release_pending(self.shared)
@@ -208,7 +203,7 @@ class Consumer:
                 self.shared.leases.remove(lease)
 
     def receive_ahead(self, remaining: int) -> None:
-        if self.ahead is None and not self.shared.stop_receiving.is_set() and (n := self.ahead_count(remaining)) > 0:
+        if self.ahead is None and not self.shared.stop.is_set() and (n := self.ahead_count(remaining)) > 0:
             self.ahead = ReceiveAhead(lambda: self.receive_batch(n), f"receive-ahead-{self.index}")
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
@@ -332,8 +327,8 @@ class Consumer:
         if handler_s is not None:
             self.shared.telemetry.record_message(outcome, handler_s)
 
-    def settle_release(self, lease: Lease, outcome: str, handler_s: float | None = None) -> None:
-        if self.shared.stop.is_set:
+    def settle_release(self, lease: Lease, outcome: str, handler_s: float) -> None:
+        if self.shared.stop.is_set():
             self.settle(lease, outcome, lease.release, handler_s)
             return
         # Interrupted outside a drain: given back after a short growing delay, not at once (which would
@@ -341,11 +336,11 @@ class Consumer:
         delay = interruption_delay_s(lease.envelope.releases)
         self.settle(lease, outcome, lambda: lease.release(delay_s=delay), handler_s)
 
-    def settle_failure(self, lease: Lease, failures: int, message: Message | None = None, handler_s: float | None = None) -> None:
+    def settle_failure(self, lease: Lease, failures: int, message: Message, handler_s: float) -> None:
         if failures >= self.settings.max_dequeue_count:
             last = f"; last: {self.last_error}" if self.last_error else ""
             self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
-                        message.dequeue_count if message else None, message.inserted_on if message else None, handler_s)
+                        message.dequeue_count, message.inserted_on, handler_s)
             return
         delay = retry_delay_s(failures, self.settings.retry_delay_s, self.settings.retry_delay_max_s)
         self.settle(lease, "failed", lambda: lease.retry_later(delay), handler_s)
@@ -413,30 +408,13 @@ class ReceiveAhead:
 
 def release_pending(shared: Shared) -> int:
     """Give back every received-but-unstarted message at once (visibility 0); returns how many."""
-    return _release(shared, pending_only=True)
+    released = shared.leases.release(running_too=False)
+    shared.counters.add("released", released)
+    return released
 
 
 def release_all(shared: Shared) -> int:
-    """At the deadline: give back everything, running handlers' messages included, keeping their checkpoints
-    (not finished messages whose final call is queued or under way: those are settled as decided)."""
-    return _release(shared, pending_only=False)
-
-
-def _release(shared: Shared, pending_only: bool) -> int:
-    released = 0
-    states = (LeaseState.PENDING,) if pending_only else (LeaseState.PENDING, LeaseState.RUNNING)
-    for lease in shared.leases.snapshot():
-        if lease.state not in states:
-            # States only move forward, so this unlocked look is safe; it keeps a drain from waiting
-            # behind a delete or checkpoint under way on another message's lock.
-            continue
-        try:
-            if lease.release(only_if=states):
-                released += 1
-                shared.counters.add("released")
-        except Exception as exc:  # one failing call must not keep the others from being released
-            log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
-            lease.finish_without_call()
-        if lease.state is LeaseState.DONE:  # released, lost, or given up: nothing more to do with it
-            shared.leases.remove(lease)
+    """At the deadline: give back everything, running handlers' messages included (see LeaseTable.release)."""
+    released = shared.leases.release(running_too=True)
+    shared.counters.add("released", released)
     return released

@@ -246,6 +246,27 @@ class LeaseTable:
             if self._leases.get(lease.id) is lease:
                 del self._leases[lease.id]
 
+    def release(self, running_too: bool) -> int:
+        """Give back every message not started yet (visibility 0), and with `running_too` those of running
+        handlers as well, keeping their checkpoints (never finished ones whose final call is queued or under
+        way: those are settled as decided); returns how many. Released or lost leases leave the table."""
+        released = 0
+        states = (LeaseState.PENDING, LeaseState.RUNNING) if running_too else (LeaseState.PENDING,)
+        for lease in self.snapshot():
+            if lease.state not in states:
+                # States only move forward, so this unlocked look is safe; it keeps a drain from waiting
+                # behind a delete or checkpoint under way on another message's lock.
+                continue
+            try:
+                if lease.release(only_if=states):
+                    released += 1
+            except Exception as exc:  # one failing call must not keep the others from being released
+                log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
+                lease.finish_without_call()
+            if lease.state is LeaseState.DONE:  # released, lost, or given up: nothing more to do with it
+                self.remove(lease)
+        return released
+
     def snapshot(self) -> list[Lease]:
         with self._lock:
             return list(self._leases.values())
@@ -253,6 +274,12 @@ class LeaseTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._leases)
+
+
+def renewal_timeout_s(visibility_timeout_s: int, request_timeout_s: float) -> float:
+    """The time limit of one renewal request: well under the margin left at renewal time (half the
+    visibility timeout, or less for the supervisor's guard), so several tries fit in it."""
+    return max(0.5, min(request_timeout_s, visibility_timeout_s / 6))
 
 
 class LeaseKeeper(threading.Thread):
@@ -269,8 +296,7 @@ class LeaseKeeper(threading.Thread):
         super().__init__(name="lease-keeper", daemon=True)
         self.table = table
         self.renew_after_s = visibility_timeout_s / 2
-        # Well under the margin left at renewal time (half the timeout): several tries fit in it.
-        self.renew_timeout_s = max(0.5, min(request_timeout_s, visibility_timeout_s / 6))
+        self.renew_timeout_s = renewal_timeout_s(visibility_timeout_s, request_timeout_s)
         self.tick_s = max(0.05, min(1.0, visibility_timeout_s / 6))
         self.stop_event = stop
         self._renewing: set[str] = set()
