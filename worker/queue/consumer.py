@@ -30,6 +30,7 @@ from worker.queue.client import describe, ensure_queue, is_auth_error, make_queu
 from worker.queue.lease import Lease, LeaseTable
 from worker.queue.lease_slots import LeaseSlots
 from worker.queue.poisoned import poisoned_text
+from worker.queue.receive_ahead import Batch, ReceiveAhead
 from worker.queue.settle import Settler
 from worker.settings import QueueSettings
 from worker.telemetry.providers import MESSAGE_OUTCOMES, Telemetry, mark_failed
@@ -145,11 +146,11 @@ class Consumer:
             if self.ahead is not None:  # stay alive (and counted as receiving) until it is back: see WorkerRuntime.idle
                 self.ahead.finished.wait()
 
-    def next_batch(self) -> list[tuple[Lease, Message, int]] | None:
+    def next_batch(self) -> Batch | None:
         ahead, self.ahead = self.ahead, None
         return ahead.result() if ahead is not None else self.receive_batch(self.receive_count())
 
-    def receive_batch(self, n: int) -> list[tuple[Lease, Message, int]] | None:
+    def receive_batch(self, n: int) -> Batch | None:
         """Receive up to n and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
         stop = self.shared.stop
@@ -189,7 +190,7 @@ class Consumer:
         self.receive_s = elapsed if not self.receive_s else 0.8 * self.receive_s + 0.2 * elapsed
         return received
 
-    def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
+    def run_batch(self, batch: Batch) -> None:
         for position, (lease, message, prior_failures) in enumerate(batch):
             if self.shared.stop.is_set():
                 # Checked before every message, not once per batch: the drain releases pending leases one
@@ -379,31 +380,6 @@ def judged_failures(envelope: Envelope, dequeue_count: int, max_dequeue_count: i
     """
     unaccounted = max(0, dequeue_count - 1 - envelope.releases - envelope.failures)
     return envelope.failures + max(0, unaccounted - max_dequeue_count)
-
-
-class ReceiveAhead:
-    """One receive on a thread of its own, picked up by the consumer when its batch is done."""
-
-    def __init__(self, receive: Callable[[], list[tuple[Lease, Message, int]] | None], name: str) -> None:
-        self.finished = threading.Event()
-        self._batch: list[tuple[Lease, Message, int]] | None = None
-        self._error: Exception | None = None
-        self._receive = receive
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self._batch = self._receive()
-        except Exception as exc:
-            self._error = exc
-        finally:
-            self.finished.set()
-
-    def result(self) -> list[tuple[Lease, Message, int]] | None:
-        self.finished.wait()
-        if self._error is not None:
-            raise self._error
-        return self._batch
 
 
 def release_pending(shared: Shared) -> int:
