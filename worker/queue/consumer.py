@@ -243,6 +243,9 @@ class Consumer:
             log.warning("message %s was handed out again while this worker held it unstarted: the earlier delivery "
                         "is dropped and counted as released", qm.id)
             envelope = replace(envelope, releases=envelope.releases + 1)
+        elif earlier is not None:  # its handler runs (or settles) here with a receipt the queue no longer accepts
+            log.warning("message %s was handed out again while this worker still runs it (its lease ran out); "
+                        "the earlier run's final call will find its lease lost", qm.id)
         lease = self.lease(qm, envelope)
         if self.shared.lease_slots is not None and lease.slot is None:
             # Held without a slot, nothing could renew it while a handler holds the GIL: give it back instead.
