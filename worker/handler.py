@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.common.text import one_line
-from worker.programs.runner import ProgramHandler
 from worker.settings import WorkloadSettings
 from worker.workload_errors import HandlerImportError
 
@@ -43,6 +42,8 @@ def load_workload(workload: WorkloadSettings) -> Handler:
     """The handler to call per message: a program when workload.command is set (workload.handler is then
     ignored), else the Python callable. Raises WorkloadError when it cannot run."""
     if workload.command:
+        from worker.programs.runner import ProgramHandler  # here: `plan` (describe_workload) loads no queue code
+
         return ProgramHandler.from_settings(workload)
     return load_handler(workload.handler)
 
