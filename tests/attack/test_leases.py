@@ -133,9 +133,11 @@ def test_a_worker_holding_the_gil_with_messages_received_ahead_runs_each_message
         supervisors: Callable[..., Supervisor]) -> None:
     # Before: the table had threads x batch_size slots; a batch received ahead while the last one ran or settled
     # got none, so while a handler held the GIL nothing renewed those messages: their leases ran out, the
-    # other worker ran them, and the first ran them again.
+    # other worker ran them, and the first ran them again. Each hold is shorter than the visibility timeout: a
+    # queue call of the worker's own caught mid-flight by a hold keeps its slot locked (and the guard out) for
+    # the hold, which a lease must outlast (a limit of the design, not what this test is about).
     record = tmp_path / "attempts.jsonl"
-    sent = {queue.send_message(json.dumps({"hold_gil_s": 2.5, "n": i})).id for i in range(8)}
+    sent = {queue.send_message(json.dumps({"hold_gil_s": 1.6, "n": i})).id for i in range(8)}
     env = child_env(azurite, queue_name=queue_name, queue_batch_size="2", queue_prefetch_s="0",
                     queue_visibility_timeout_s="2", queue_idle_poll_max_s="0.2", queue_max_dequeue_count="5",
                     scaling_workers="2", workload_handler=RECORD_HANDLER)

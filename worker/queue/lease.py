@@ -80,6 +80,15 @@ class Lease:
                 else:
                     slots.record(slot, self.pop_receipt, self.renewed_at)
 
+    def last_renewed(self) -> float:
+        """When the lease was last extended, by this process or by the supervisor's guard (read without the
+        slot's lock: a hint). Renewing one the guard just renewed would be worse than useless: a renewal
+        under way holds the slot's lock, and if a handler then takes the GIL, the guard cannot renew it."""
+        slots, slot = self.slots, self.slot
+        if slots is None or slot is None:
+            return self.renewed_at
+        return max(self.renewed_at, slots.renewed_at(slot))
+
     def start(self) -> bool:
         """PENDING → RUNNING; False when a drain released it first, or its lease ran out while it waited
         (the queue may have handed it to another consumer: running it here too would run it twice)."""
@@ -315,7 +324,7 @@ class LeaseKeeper(threading.Thread):
                                 "supervisor, its lease guard renews meanwhile, otherwise leases may have been lost",
                                 stalled)
                 for lease in self.table.snapshot():
-                    if lease.state is LeaseState.DONE or now - lease.renewed_at < self.renew_after_s:
+                    if lease.state is LeaseState.DONE or now - lease.last_renewed() < self.renew_after_s:
                         continue
                     with self._renewing_lock:
                         if lease.id in self._renewing:
