@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from supervisor.ops import poison_cli
-from worker.handler import HandlerImportError, describe_workload
+from worker.handler import describe_workload
 from worker.settings import ConfigError
 from worker.telemetry.logs import is_journal_stream, setup_logging
+from worker.workload_errors import WorkloadError
 
 log = logging.getLogger("supervisor")
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "poison":
             return poison_cli.run(args, settings.queue)
         return enqueue_command(settings, args)
-    except (ConfigError, HandlerImportError) as exc:
+    except (ConfigError, WorkloadError) as exc:
         # <3>: an error in the journal. One write, so the prefix and its line cannot arrive apart.
         sys.stderr.write(f"{'<3>' if is_journal_stream(sys.stderr) else ''}{exc}\n")
         sys.stderr.flush()

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (helpers imported from test_worker share names with parameters)
 """The envelope against hostile, damaged, large and old messages (issue 16, defects 2, 5 and 10), on a real Azurite.
 
 Producer text never sets the bookkeeping; a message that cannot be opened is

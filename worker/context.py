@@ -29,28 +29,59 @@ CHECKPOINT_RETRY_BASE_S = 0.5
 
 
 class StopSignal:
-    """Set when this worker process is told to stop (a drain, a signal, the supervisor gone).
+    """Set when this worker process is told to stop (a drain, a signal, the supervisor gone): from then on
+    it receives nothing more.
 
     The one holder of the process's deadline: handlers read it as `ctx.draining`
     and `ctx.deadline`, the worker's loop as `WorkerRuntime.deadline`. It only
-    ever moves earlier.
+    ever moves earlier. It also counts the receives under way: a receive is
+    counted only while the signal is not set, checked under the same lock that
+    set() takes, so a drain that sees no receive under way sees the last one
+    that will ever be (see WorkerRuntime.idle).
     """
 
     def __init__(self) -> None:
         self._set = threading.Event()
+        self._lock = threading.Lock()
+        self._receiving = 0
         self.deadline: float | None = None  # time.time() epoch seconds
+        self.set_at: float | None = None  # time.time() of the first set()
 
     def set(self, deadline: float) -> bool:
-        """True when this moved the deadline (first stop, or an earlier deadline)."""
-        moved = self.deadline is None or deadline < self.deadline
-        if moved:
-            self.deadline = deadline
-        self._set.set()
-        return moved
+        """Stop, with `deadline` (or the earlier one already set); True the first time."""
+        with self._lock:
+            first = not self._set.is_set()
+            if self.deadline is None or deadline < self.deadline:
+                self.deadline = deadline
+            if first:
+                self.set_at = time.time()
+            self._set.set()
+        return first
 
-    @property
     def is_set(self) -> bool:
         return self._set.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Until set or `timeout` seconds passed; True when set."""
+        return self._set.wait(timeout)
+
+    def begin_receive(self) -> bool:
+        """Count one receive under way; False (nothing counted) once set."""
+        with self._lock:
+            if self._set.is_set():
+                return False
+            self._receiving += 1
+            return True
+
+    def end_receive(self) -> None:
+        with self._lock:
+            self._receiving -= 1
+
+    @property
+    def receiving(self) -> int:
+        """Receives under way."""
+        with self._lock:
+            return self._receiving
 
 
 class Context:
@@ -71,7 +102,7 @@ class Context:
 
     @property
     def draining(self) -> bool:
-        return self._stop.is_set
+        return self._stop.is_set()
 
     @property
     def deadline(self) -> datetime | None:

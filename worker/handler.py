@@ -1,4 +1,10 @@
-"""Resolving the workload to a handler: `package.module:function`, or `[workload] command`."""
+"""Resolving the workload to a handler: `package.module:function`, or `[workload] command`.
+
+A handler may define optional hooks, called by the worker when they exist:
+`on_abandon()` at the drain deadline, before held messages are given back (stop
+every run, keeping its last checkpoint), and `close()` once as the worker exits.
+ProgramHandler defines both.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,9 @@ from typing import Any
 
 from worker.common.text import one_line
 from worker.settings import WorkloadSettings
+from worker.workload_errors import HandlerImportError
 
 Handler = Callable[..., Any]
-
-
-class HandlerImportError(Exception):
-    """The configured handler cannot be imported; str() is one line for the operator."""
 
 
 def load_handler(ref: str) -> Handler:
@@ -37,12 +40,19 @@ def load_handler(ref: str) -> Handler:
 
 def load_workload(workload: WorkloadSettings) -> Handler:
     """The handler to call per message: a program when workload.command is set (workload.handler is then
-    ignored), else the Python callable. Raises HandlerImportError when it cannot run."""
+    ignored), else the Python callable. Raises WorkloadError when it cannot run."""
     if workload.command:
-        from worker.programs.runner import ProgramHandler
+        from worker.programs.runner import ProgramHandler  # here: `plan` (describe_workload) loads no queue code
 
         return ProgramHandler.from_settings(workload)
     return load_handler(workload.handler)
+
+
+def call_hook(handler: Handler, name: str) -> None:
+    """Call the handler's optional hook `name` (see the module's docstring), if it has one."""
+    hook = getattr(handler, name, None)
+    if callable(hook):
+        hook()
 
 
 def describe_workload(workload: WorkloadSettings) -> str:

@@ -2,10 +2,11 @@
 
 A message on the queue is either the producer's text, or an envelope this
 package wrote back with `update_message`: a one-line header (the last
-checkpoint and how many attempts ended in a release) followed by the
-producer's payload verbatim. Keeping both in the message means any process
-on any VM resumes from the checkpoint, and poison is judged by failures only
-(the queue's dequeue_count also counts releases).
+checkpoint, how many attempts ended in a release and how many in a failure)
+followed by the producer's payload verbatim. Keeping them in the message means
+any process on any VM resumes from the checkpoint, and poison is judged by
+failures only (the queue's dequeue_count also counts releases, and deliveries
+whose handler never ran: see worker.queue.consumer.judged_failures).
 
 Only this system can write an envelope a consumer trusts: the header names the
 id the Queue service gave the message, which a producer cannot know when it
@@ -31,7 +32,7 @@ MAX_MESSAGE_BYTES = 64 * 1024  # the Queue service's limit on a message's text
 ENVELOPE_MARKER = "#spot-supervisor/2"
 LEGACY_ENVELOPE_PREFIX = '{"spot-supervisor":1,'  # what versions before 2 wrote: see Codec.open
 MAX_STATE_DEPTH = 64  # nesting levels a checkpoint may have
-MAX_RELEASES = 10**9
+MAX_ATTEMPT_COUNT = 10**9  # bound on the releases and failures a header may claim
 _HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one, not one per json.dumps call
 
 
@@ -62,12 +63,13 @@ class Envelope:
     original: str
     state: Any = None
     releases: int = 0
+    failures: int = 0  # attempts whose handler ran and failed (recorded by the retry's update)
     # Opened from a version-1 envelope: the next settle writes the current form, even a retry.
     upgraded: bool = field(default=False, compare=False)
 
     @property
     def is_plain(self) -> bool:
-        return self.state is None and self.releases == 0
+        return self.state is None and self.releases == 0 and self.failures == 0
 
 
 class Codec:
@@ -104,14 +106,15 @@ class Codec:
             header, newline, body = payload[len(own):].partition("\n")
             if not newline:
                 raise UndecodableMessage("damaged envelope: its header has no end")
-            releases, state = parse_header(header)
+            releases, state, failures = parse_header(header)
             # In base64 mode the original is re-encoded from its payload: the same text for every
             # canonical encoder (Azure Functions, the SDKs), which is what producers write.
-            return Envelope(self.encode_text(body), state, releases), body
+            return Envelope(self.encode_text(body), state, releases, failures), body
         if payload.startswith(LEGACY_ENVELOPE_PREFIX):
             # Written by version 1, which trusted any text with this prefix. Only its `original` is used
             # (a forged one is no worse than sending that text): its checkpoint and release count cannot be
-            # told from a producer's forgery, so they are dropped (see Consumer.open).
+            # told from a producer's forgery, so they are dropped, and its earlier attempts are not counted
+            # at all (see Consumer._open).
             original = _legacy_original(payload)
             if original is not None:
                 return Envelope(original, upgraded=True), self.decode_text(original)
@@ -121,25 +124,29 @@ class Codec:
         """Queue text for an envelope; a plain one is the original text, byte for byte."""
         if envelope.is_plain:
             return envelope.original
-        header = _HEADER_ENCODER.encode({"releases": envelope.releases, "state": envelope.state})
+        fields: dict[str, Any] = {"releases": envelope.releases, "state": envelope.state}
+        if envelope.failures:  # only when there are some: a header without it stays readable by earlier versions
+            fields["failures"] = envelope.failures
+        header = _HEADER_ENCODER.encode(fields)
         # ASCII header (no character the service may refuse); the payload was accepted once, so it is again.
         return self.encode_text(f"{ENVELOPE_MARKER} {message_id} {header}\n{self.decode_text(envelope.original)}")
 
 
-def parse_header(header: str) -> tuple[int, Any]:
-    """(releases, state) from an envelope header; raises UndecodableMessage naming what is wrong."""
+def parse_header(header: str) -> tuple[int, Any, int]:
+    """(releases, state, failures) from an envelope header; raises UndecodableMessage naming what is wrong."""
     try:
         data = json.loads(header)
     except (ValueError, RecursionError) as exc:
         raise UndecodableMessage(f"damaged envelope header: {type(exc).__name__}") from None
-    if not isinstance(data, dict) or set(data) != {"releases", "state"}:
-        raise UndecodableMessage("damaged envelope header: expected exactly the keys releases and state")
-    releases = data["releases"]
-    if type(releases) is not int or not 0 <= releases <= MAX_RELEASES:
-        raise UndecodableMessage(f"damaged envelope header: releases must be an integer in [0, {MAX_RELEASES}]")
+    if not isinstance(data, dict) or set(data) - {"failures"} != {"releases", "state"}:
+        raise UndecodableMessage("damaged envelope header: expected exactly the keys releases and state (and failures)")
+    for key in ("releases", "failures"):
+        count = data.get(key, 0)
+        if type(count) is not int or not 0 <= count <= MAX_ATTEMPT_COUNT:
+            raise UndecodableMessage(f"damaged envelope header: {key} must be an integer in [0, {MAX_ATTEMPT_COUNT}]")
     if json_depth(data["state"]) > MAX_STATE_DEPTH:
         raise UndecodableMessage(f"damaged envelope header: state nests deeper than {MAX_STATE_DEPTH} levels")
-    return releases, data["state"]
+    return data["releases"], data["state"], data.get("failures", 0)
 
 
 def _legacy_original(payload: str) -> str | None:

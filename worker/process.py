@@ -17,11 +17,11 @@ from typing import Any
 
 from worker.common.wake_pipe import WakePipe
 from worker.control import Channel, Kind
-from worker.handler import HandlerImportError
 from worker.queue.lease_slots import LeaseSlots
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 from worker.telemetry.providers import Telemetry
+from worker.workload_errors import WorkloadError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class WorkerProcess:
         self.install_signals()
         try:
             runtime = WorkerRuntime(self.settings, self.telemetry, self.threads, self.lease_slots)
-        except HandlerImportError as exc:
+        except WorkloadError as exc:
             log.error("%s", exc)
             self._send(Kind.FATAL, code=os.EX_CONFIG, error=str(exc))
             return os.EX_CONFIG

@@ -7,9 +7,8 @@ import threading
 import time
 from typing import Any
 
-from worker.handler import load_workload
+from worker.handler import call_hook, load_workload
 from worker.message import Codec
-from worker.programs.runner import ProgramHandler
 from worker.queue.consumer import Consumer, Shared, release_all, release_pending
 from worker.queue.lease import LeaseKeeper
 from worker.queue.lease_slots import LeaseSlots
@@ -25,7 +24,7 @@ SETTLE_WAIT_S = 2.0  # at exit, for final queue calls still under way (within th
 class WorkerRuntime:
     def __init__(self, settings: Settings, telemetry: Telemetry, threads: int = 1,
                  lease_slots: LeaseSlots | None = None) -> None:
-        """Raises HandlerImportError when the handler cannot be imported."""
+        """Raises WorkloadError when the workload cannot run."""
         handler = load_workload(settings.workload)
         self.settings = settings
         self.shared = Shared(settings.queue, handler, telemetry, Codec(settings.queue.message_encoding),
@@ -35,7 +34,6 @@ class WorkerRuntime:
         self._keeper_stop = threading.Event()
         self.keeper = LeaseKeeper(self.shared.leases, settings.queue.visibility_timeout_s, self._keeper_stop,
                                  settings.queue.request_timeout_s)
-        self.stopped_receiving_at: float | None = None
         self.abandoned = False
 
     def start(self) -> None:
@@ -58,18 +56,16 @@ class WorkerRuntime:
         """When work must have stopped; None until told to stop."""
         return self.shared.stop.deadline
 
+    @property
+    def stopped_receiving_at(self) -> float | None:
+        return self.shared.stop.set_at
+
     def stop_receiving(self, deadline: float) -> bool:
         """Stop receiving, give back unstarted messages, let running handlers see ctx.draining.
 
         True the first time (the moment is then `stopped_receiving_at`); later calls only move the deadline earlier.
         """
-        self.shared.stop.set(deadline)
-        first = False
-        with self.shared.counters.lock:  # see Consumer.receive_batch
-            if not self.shared.stop_receiving.is_set():
-                self.shared.stop_receiving.set()
-                self.stopped_receiving_at = time.time()
-                first = True
+        first = self.shared.stop.set(deadline)
         released = release_pending(self.shared)
         if released:
             log.info("drain: released %d unstarted message(s)", released)
@@ -79,8 +75,7 @@ class WorkerRuntime:
         """Deadline reached: release everything still held (checkpoints kept) so another VM takes it now."""
         self.stop_receiving(time.time())
         self.abandoned = True
-        if isinstance(self.shared.handler, ProgramHandler):
-            self.shared.handler.stop_all()  # killed, last checkpoints stored: then released below
+        call_hook(self.shared.handler, "on_abandon")  # e.g. programs killed, last checkpoints stored: released below
         released = release_all(self.shared)
         if released:
             log.warning("deadline: released %d message(s) whose handlers were still running", released)
@@ -97,10 +92,10 @@ class WorkerRuntime:
             return False
         if not any(t.is_alive() for t in self.consumer_threads):
             return True
-        counts = self.shared.counters
-        with counts.lock:
-            busy = counts.running > 0 or len(self.shared.leases) > 0
-            receiving = counts.receiving > 0
+        # Receives first: none begins once stopped, so with none under way the table can only shrink.
+        receiving = self.shared.stop.receiving > 0
+        with self.shared.counters.lock:
+            busy = self.shared.counters.running > 0 or len(self.shared.leases) > 0
         if busy:
             return False
         waited = time.time() - (self.stopped_receiving_at or time.time())
@@ -108,7 +103,7 @@ class WorkerRuntime:
 
     def crashed(self) -> bool:
         """A consumer thread died outside a drain (a bug): the process should go and be respawned."""
-        return not self.shared.stop_receiving.is_set() and not all(t.is_alive() for t in self.consumer_threads)
+        return not self.shared.stop.is_set() and not all(t.is_alive() for t in self.consumer_threads)
 
     def close(self) -> None:
         """Stop renewing; wait a little for final queue calls still under way (after an abandon), so what
@@ -118,8 +113,7 @@ class WorkerRuntime:
                         self.shared.settler.outstanding)
         self.shared.settler.close()
         self._keeper_stop.set()
-        if isinstance(self.shared.handler, ProgramHandler):
-            self.shared.handler.close()
+        call_hook(self.shared.handler, "close")
 
     def stats(self) -> dict[str, Any]:
         counts = self.shared.counters.snapshot()

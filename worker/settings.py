@@ -32,7 +32,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ENV_PREFIX = "SPOT_"
-MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
+MAX_MESSAGES_PER_CALL = 32  # the Queue service's limit for one Get Messages or Peek Messages call
 MAX_OUTSTANDING_SETTLES = 8  # a queue client pools 10 connections: settles, a receive ahead and a renewal fit
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 HOUR_S = 3600.0
@@ -56,7 +56,7 @@ class QueueSettings:
     client_id: str = ""
     name: str = "spot-work"
     visibility_timeout_s: int = 60
-    batch_size: int = 32
+    batch_size: int = MAX_MESSAGES_PER_CALL
     prefetch_s: float = 2.0
     max_outstanding_settles: int = 8
     max_dequeue_count: int = 5
@@ -268,8 +268,8 @@ def validate(s: Settings, require_queue: bool = True) -> None:
             f"must be 3-57 characters of lower-case letters, digits and single hyphens (the -poison suffix must fit 63), got {q.name!r}")
     require(1 <= q.visibility_timeout_s <= MAX_VISIBILITY_TIMEOUT_S, "queue.visibility_timeout_s",
             f"must be between 1 and {MAX_VISIBILITY_TIMEOUT_S}, got {q.visibility_timeout_s}")
-    require(1 <= q.batch_size <= MAX_BATCH_SIZE, "queue.batch_size",
-            f"must be between 1 and {MAX_BATCH_SIZE}, got {q.batch_size}")
+    require(1 <= q.batch_size <= MAX_MESSAGES_PER_CALL, "queue.batch_size",
+            f"must be between 1 and {MAX_MESSAGES_PER_CALL}, got {q.batch_size}")
     require(q.max_dequeue_count >= 1, "queue.max_dequeue_count", f"must be at least 1, got {q.max_dequeue_count}")
     require(q.message_encoding in ("none", "base64"), "queue.message_encoding",
             f"must be one of: none, base64; got {q.message_encoding!r}")

@@ -18,15 +18,14 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient, QueueMessage
 
-from supervisor.ops.poison_cli import PEEK_LIMIT, PoisonError
+from supervisor.ops.poison_cli import PoisonError
 from worker.message import Codec, UndecodableMessage
 from worker.queue.client import make_queue_client
 from worker.queue.poisoned import read_poisoned
-from worker.settings import QueueSettings
+from worker.settings import MAX_MESSAGES_PER_CALL, QueueSettings
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BATCH = 32
 HOLD_S = 120  # how long requeue keeps a received poison message hidden while it works
 PREVIEW_CHARS = 80
 
@@ -46,13 +45,13 @@ class PoisonedMessage:
         return asdict(self)
 
 
-def list_poisoned(settings: QueueSettings, limit: int = PEEK_LIMIT) -> tuple[list[PoisonedMessage], int | None]:
+def list_poisoned(settings: QueueSettings, limit: int = MAX_MESSAGES_PER_CALL) -> tuple[list[PoisonedMessage], int | None]:
     """Up to `limit` (≤ 32) messages, oldest first, without touching them; and the approximate total."""
     client = make_queue_client(settings, settings.poison_name)
     codec = Codec(settings.message_encoding)
     try:
         total = client.get_queue_properties().approximate_message_count
-        peeked = client.peek_messages(max_messages=min(limit, PEEK_LIMIT))
+        peeked = client.peek_messages(max_messages=min(limit, MAX_MESSAGES_PER_CALL))
     except ResourceNotFoundError:
         return [], 0
     return [describe_poisoned(m, codec) for m in peeked], total
@@ -112,7 +111,7 @@ def requeue(settings: QueueSettings, ids: Iterable[str] | None) -> RequeueResult
     seen: set[str] = set()
     try:
         while not all_found():
-            batch = list(poison.receive_messages(messages_per_page=RECEIVE_BATCH, max_messages=RECEIVE_BATCH,
+            batch = list(poison.receive_messages(messages_per_page=MAX_MESSAGES_PER_CALL, max_messages=MAX_MESSAGES_PER_CALL,
                                                  visibility_timeout=HOLD_S))
             if not any(qm.id not in seen for qm in batch):  # empty, or round again (a very long run)
                 passed_over += batch

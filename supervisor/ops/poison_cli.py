@@ -7,10 +7,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from worker.settings import MAX_MESSAGES_PER_CALL  # peeking (which leaves messages untouched) shows at most this many
+
 if TYPE_CHECKING:
     from worker.settings import QueueSettings
 
-PEEK_LIMIT = 32  # the Queue service peeks at most 32 messages, and only peeking leaves them untouched
 
 
 class PoisonError(Exception):
@@ -22,7 +23,8 @@ def add_arguments(poison: argparse.ArgumentParser) -> None:
     listing = verbs.add_parser("list", help="the messages in <queue>-poison, oldest first, and why they are there")
     listing.add_argument("--config")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.add_argument("--limit", type=_limit, default=PEEK_LIMIT, help=f"at most this many (1-{PEEK_LIMIT}, the default)")
+    listing.add_argument("--limit", type=_limit, default=MAX_MESSAGES_PER_CALL,
+                         help=f"at most this many (1-{MAX_MESSAGES_PER_CALL}, the default)")
     again = verbs.add_parser("requeue", help="put messages back on the main queue as fresh messages, original text unchanged")
     again.add_argument("--config")
     again.add_argument("--all", action="store_true", help="every message in the poison queue")
@@ -37,8 +39,8 @@ def _limit(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= PEEK_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {PEEK_LIMIT} (the most the queue service peeks at), "
+    if not 1 <= value <= MAX_MESSAGES_PER_CALL:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_MESSAGES_PER_CALL} (the most the queue service peeks at), "
                                          f"got {text!r}")
     return value
 

@@ -32,6 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from azure.storage.queue import QueueClient
 
 from worker.queue.client import describe, is_lease_lost, make_queue_client
+from worker.queue.consumer import most_held
+from worker.queue.lease import renewal_timeout_s
 from worker.queue.lease_slots import HeldMessage, LeaseSlots
 from worker.settings import QueueSettings
 
@@ -90,8 +92,8 @@ class LeaseGuard(threading.Thread):
 
     @staticmethod
     def new_table(threads: int, settings: QueueSettings) -> LeaseSlots:
-        """Before fork: room for everything one worker can hold (a full batch per consumer thread)."""
-        return LeaseSlots(max(1, threads) * settings.batch_size)
+        """Before fork: room for everything one worker can hold."""
+        return LeaseSlots(most_held(threads, settings))
 
     def watch(self, pid: int, slots: LeaseSlots, settings: QueueSettings) -> None:
         client = self._client(settings)
@@ -223,4 +225,4 @@ class LeaseGuard(threading.Thread):
 
     @staticmethod
     def _request_timeout(worker: WatchedWorker) -> float:
-        return max(0.5, min(10.0, worker.visibility_timeout_s / 6))
+        return renewal_timeout_s(worker.visibility_timeout_s, 10.0)

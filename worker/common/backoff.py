@@ -1,5 +1,5 @@
-"""Exponential backoff: the one growth formula, full jitter for retry loops, and the redelivery delays of
-failed and interrupted messages."""
+"""Exponential backoff: the one growth formula, retry loops with full or equal jitter, and the redelivery
+delays of failed and interrupted messages."""
 
 from __future__ import annotations
 

@@ -29,11 +29,11 @@ from pathlib import Path
 from worker.common.process_tree import kill_group, kill_process_tree
 from worker.common.secrets import program_environment
 from worker.context import Context
-from worker.handler import HandlerImportError
 from worker.message import Interrupted, Message
 from worker.programs.command import resolve_command
 from worker.programs.files import CheckpointFile, OutputLines, write_deadline_file
 from worker.settings import ConfigError, WorkloadSettings
+from worker.workload_errors import CommandError
 
 log = logging.getLogger("worker.programs.runner")
 
@@ -57,7 +57,7 @@ class ProgramRun:
         self.checkpoint = checkpoint
         self.deadline_file = deadline_file
         self.lock = threading.Lock()
-        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" (stop_all), "timeout" or "error" (killed)
+        self.stopped_by: str | None = None  # "drain" (stop signal sent), "deadline" (on_abandon), "timeout" or "error" (killed)
         self.killed = False
         self.exited = False
 
@@ -100,16 +100,16 @@ class ProgramHandler:
         self.timeout_s = timeout_s
         self.runs: set[ProgramRun] = set()
         self._runs_lock = threading.Lock()
-        self.stopped = False  # stop_all ran: this process is about to exit
+        self.stopped = False  # on_abandon ran: this process is about to exit
         self._run_numbers = itertools.count(1)
 
     @classmethod
     def from_settings(cls, workload: WorkloadSettings) -> ProgramHandler:
-        """Raises HandlerImportError (exit 78) when the command cannot be run."""
+        """Raises CommandError (exit 78) when the command cannot be run."""
         try:
             argv = resolve_command(workload.command)
         except ConfigError as exc:
-            raise HandlerImportError(str(exc)) from None
+            raise CommandError(str(exc)) from None
         return cls(argv, signal.Signals[workload.stop_signal], workload.timeout_s)
 
     def __call__(self, message: Message, ctx: Context) -> None:
@@ -151,7 +151,7 @@ class ProgramHandler:
         run = ProgramRun(proc, ctx, checkpoint, deadline_file)
         with self._runs_lock:
             self.runs.add(run)
-            if self.stopped:  # started while stop_all ran: it must not outlive the worker either
+            if self.stopped:  # started while on_abandon ran: it must not outlive the worker either
                 run.kill("deadline")
         try:
             returncode = self._supervise(run, message)
@@ -170,7 +170,7 @@ class ProgramHandler:
     def close(self) -> None:
         """When the worker exits: nothing left to do (each run removes its own directory)."""
 
-    def stop_all(self) -> None:
+    def on_abandon(self) -> None:
         """At the drain deadline, before the worker releases what it holds: kill every running
         program and store its last checkpoint, so the release carries it."""
         with self._runs_lock:
@@ -184,7 +184,7 @@ class ProgramHandler:
 
     def _supervise(self, run: ProgramRun, message: Message) -> int:
         """Feed stdin, log output, store checkpoints, act on a drain and the timeout; returns the exit status.
-        The drain deadline is the worker's to act on (stop_all), before it releases what it holds."""
+        The drain deadline is the worker's to act on (on_abandon), before it releases what it holds."""
         proc = run.proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         started = time.monotonic()

@@ -63,13 +63,20 @@ def ensure_queue(client: QueueClient) -> None:
 
 def is_lease_lost(exc: Exception) -> bool:
     """True when an update/delete failed because our pop receipt is no longer valid:
-    the message was deleted, or its lease expired and someone else received it."""
+    the message was deleted, or its lease expired and someone else received it
+    (not when the queue itself is missing: that says nothing about the message)."""
+    if is_queue_missing(exc):
+        return False
     if isinstance(exc, ResourceNotFoundError):
         return True
     if isinstance(exc, HttpResponseError):
         code = getattr(exc, "error_code", None) or ""
         return code in ("MessageNotFound", "PopReceiptMismatch") or exc.status_code == 404
     return False
+
+
+def is_queue_missing(exc: Exception) -> bool:
+    return isinstance(exc, HttpResponseError) and (getattr(exc, "error_code", None) or "") == "QueueNotFound"
 
 
 def is_auth_error(exc: Exception) -> bool:

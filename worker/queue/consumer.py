@@ -27,9 +27,10 @@ from worker.context import Context, StopSignal
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.programs.runner import ProgramFailed
 from worker.queue.client import describe, ensure_queue, is_auth_error, make_queue_client
-from worker.queue.lease import Lease, LeaseState, LeaseTable
+from worker.queue.lease import Lease, LeaseTable
 from worker.queue.lease_slots import LeaseSlots
 from worker.queue.poisoned import poisoned_text
+from worker.queue.receive_ahead import Batch, ReceiveAhead
 from worker.queue.settle import Settler
 from worker.settings import QueueSettings
 from worker.telemetry.providers import MESSAGE_OUTCOMES, Telemetry, mark_failed
@@ -42,12 +43,11 @@ handler_log = logging.getLogger("worker.handler")
 class Counters:
     by_outcome: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MESSAGE_OUTCOMES, 0))
     running: int = 0
-    receiving: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, outcome: str) -> None:
+    def add(self, outcome: str, n: int = 1) -> None:
         with self.lock:
-            self.by_outcome[outcome] += 1
+            self.by_outcome[outcome] += n
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
@@ -63,8 +63,7 @@ class Shared:
     telemetry: Telemetry
     codec: Codec
     leases: LeaseTable = field(default_factory=LeaseTable)
-    stop: StopSignal = field(default_factory=StopSignal)  # handlers' view: ctx.draining, ctx.deadline
-    stop_receiving: threading.Event = field(default_factory=threading.Event)
+    stop: StopSignal = field(default_factory=StopSignal)  # also the handlers' view: ctx.draining, ctx.deadline
     counters: Counters = field(default_factory=Counters)
     lease_slots: LeaseSlots | None = None  # shared with the supervisor's lease guard
     settler: Settler = field(init=False)
@@ -89,7 +88,7 @@ class Consumer:
         self.index = index
         self.settings = shared.settings
         self.client = make_queue_client(self.settings)
-        self.idle = Backoff(0.1, self.settings.idle_poll_max_s)
+        self.empty_polls = Backoff(0.1, self.settings.idle_poll_max_s)  # while the queue has nothing
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
         self.receive_s = 0.0  # moving average of a Get Messages round trip
@@ -121,7 +120,7 @@ class Consumer:
         self.handler_s = seconds if self.handler_s is None else 0.8 * self.handler_s + 0.2 * seconds
 
     def run(self) -> None:
-        stop = self.shared.stop_receiving
+        stop = self.shared.stop
         if self.index == 0:
             self.create_queue()
         try:
@@ -139,38 +138,40 @@ class Consumer:
                     continue
                 self.errors.reset()
                 if batch is None:
-                    stop.wait(self.idle.next_delay())
+                    stop.wait(self.empty_polls.next_delay())
                     continue
-                self.idle.reset()
+                self.empty_polls.reset()
                 self.run_batch(batch)
         finally:
             if self.ahead is not None:  # stay alive (and counted as receiving) until it is back: see WorkerRuntime.idle
                 self.ahead.finished.wait()
 
-    def next_batch(self) -> list[tuple[Lease, Message, int]] | None:
+    def next_batch(self) -> Batch | None:
         ahead, self.ahead = self.ahead, None
         return ahead.result() if ahead is not None else self.receive_batch(self.receive_count())
 
-    def receive_batch(self, n: int) -> list[tuple[Lease, Message, int]] | None:
+    def receive_batch(self, n: int) -> Batch | None:
         """Receive up to n and register leases (counted as `receiving` throughout, so a drain
         never takes a just-received message for nothing held). None when the queue was empty."""
-        counters = self.shared.counters
-        with counters.lock:  # checked and counted together: WorkerRuntime.stop_receiving sets it under this lock
-            if self.shared.stop_receiving.is_set():
-                return None
-            counters.receiving += 1
+        stop = self.shared.stop
+        if not stop.begin_receive():
+            return None
         try:
+            if (slots := self.shared.lease_slots) is not None and (free := slots.free_count()) < n:
+                if free == 0:
+                    log.warning("every slot of the shared lease table is taken; not receiving until one is free")
+                    return None
+                n = free
             received = self.receive(n)
             if not received:
                 return None
             opened = [opened for opened in map(self.open, received) if opened is not None]
-            if self.shared.stop.is_set:  # began while this receive was under way (ahead, maybe): give them back now
+            if stop.is_set():  # began while this receive was under way (ahead, maybe): give them back now
                 release_pending(self.shared)
                 return None
             return opened
         finally:
-            with counters.lock:
-                counters.receiving -= 1
+            stop.end_receive()
 
     def create_queue(self) -> None:
         try:
@@ -189,9 +190,9 @@ class Consumer:
         self.receive_s = elapsed if not self.receive_s else 0.8 * self.receive_s + 0.2 * elapsed
         return received
 
-    def run_batch(self, batch: list[tuple[Lease, Message, int]]) -> None:
+    def run_batch(self, batch: Batch) -> None:
         for position, (lease, message, prior_failures) in enumerate(batch):
-            if self.shared.stop.is_set:
+            if self.shared.stop.is_set():
                 # Checked before every message, not once per batch: the drain releases pending leases one
                 # request at a time, and the next message of this batch must not start meanwhile.
                 release_pending(self.shared)
@@ -203,7 +204,7 @@ class Consumer:
                 self.shared.leases.remove(lease)
 
     def receive_ahead(self, remaining: int) -> None:
-        if self.ahead is None and not self.shared.stop_receiving.is_set() and (n := self.ahead_count(remaining)) > 0:
+        if self.ahead is None and not self.shared.stop.is_set() and (n := self.ahead_count(remaining)) > 0:
             self.ahead = ReceiveAhead(lambda: self.receive_batch(n), f"receive-ahead-{self.index}")
 
     def open(self, qm: QueueMessage) -> tuple[Lease, Message, int] | None:
@@ -236,10 +237,24 @@ class Consumer:
             # A version-1 envelope: its release count is not trusted, so its earlier attempts are not counted
             # at all (once: the next settle rewrites it in the current form).
             envelope = replace(envelope, releases=dequeue_count - 1)
+        earlier = self.shared.leases.earlier(qm.id)
+        if earlier is not None and earlier.supersede():
+            # Its lease ran out while it waited here (this receipt replaced that one): that delivery never ran.
+            log.warning("message %s was handed out again while this worker held it unstarted: the earlier delivery "
+                        "is dropped and counted as released", qm.id)
+            envelope = replace(envelope, releases=envelope.releases + 1)
+        elif earlier is not None:  # its handler runs (or settles) here with a receipt the queue no longer accepts
+            log.warning("message %s was handed out again while this worker still runs it (its lease ran out); "
+                        "the earlier run's final call will find its lease lost", qm.id)
         lease = self.lease(qm, envelope)
-        prior_failures = max(0, dequeue_count - 1 - envelope.releases)
+        if self.shared.lease_slots is not None and lease.slot is None:
+            # Held without a slot, nothing could renew it while a handler holds the GIL: give it back instead.
+            log.warning("no slot in the shared lease table for message %s; giving it back", qm.id)
+            if lease.release():
+                self.shared.counters.add("released")
+            return None
+        prior_failures = judged_failures(envelope, dequeue_count, self.settings.max_dequeue_count)
         if prior_failures >= self.settings.max_dequeue_count:
-            # Attempts that neither succeeded nor were released: failures, or crashes of the process running it.
             self.poison(lease, f"{prior_failures} earlier attempts failed or crashed (max_dequeue_count {self.settings.max_dequeue_count})",
                         dequeue_count, qm.inserted_on)
             return None
@@ -290,8 +305,13 @@ class Consumer:
     def settle(self, lease: Lease, outcome: str, action: Callable[[], bool], handler_s: float | None = None) -> None:
         """Run the final queue call for a message on the settler (waiting for a slot when it is busy); a lost
         lease or a queue error leaves it on the queue. The outcome is counted once the queue confirmed it."""
-        if not lease.begin_settling():  # released at the deadline meanwhile: nothing left to do
-            self.settled(lease, "lease_lost", handler_s)
+        if not lease.begin_settling():  # ended meanwhile: nothing left to do
+            if lease.released:  # at the deadline, and counted then: once is enough
+                self.shared.leases.remove(lease)
+                if handler_s is not None:
+                    self.shared.telemetry.record_message("released", handler_s)
+            else:
+                self.settled(lease, "lease_lost", handler_s)
             return
 
         def call() -> None:
@@ -311,8 +331,8 @@ class Consumer:
         if handler_s is not None:
             self.shared.telemetry.record_message(outcome, handler_s)
 
-    def settle_release(self, lease: Lease, outcome: str, handler_s: float | None = None) -> None:
-        if self.shared.stop.is_set:
+    def settle_release(self, lease: Lease, outcome: str, handler_s: float) -> None:
+        if self.shared.stop.is_set():
             self.settle(lease, outcome, lease.release, handler_s)
             return
         # Interrupted outside a drain: given back after a short growing delay, not at once (which would
@@ -320,73 +340,60 @@ class Consumer:
         delay = interruption_delay_s(lease.envelope.releases)
         self.settle(lease, outcome, lambda: lease.release(delay_s=delay), handler_s)
 
-    def settle_failure(self, lease: Lease, failures: int, message: Message | None = None, handler_s: float | None = None) -> None:
+    def settle_failure(self, lease: Lease, failures: int, message: Message, handler_s: float) -> None:
         if failures >= self.settings.max_dequeue_count:
             last = f"; last: {self.last_error}" if self.last_error else ""
             self.poison(lease, f"handler failed {failures} times (max_dequeue_count {self.settings.max_dequeue_count}){last}",
-                        message.dequeue_count if message else None, message.inserted_on if message else None, handler_s)
+                        message.dequeue_count, message.inserted_on, handler_s)
             return
         delay = retry_delay_s(failures, self.settings.retry_delay_s, self.settings.retry_delay_max_s)
         self.settle(lease, "failed", lambda: lease.retry_later(delay), handler_s)
 
     def poison(self, lease: Lease, reason: str, dequeue_count: int | None = None, inserted_on: datetime | None = None,
                handler_s: float | None = None) -> None:
-        log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
         text = poisoned_text(lease.envelope.original, reason, lease.id, dequeue_count, inserted_on)
-        self.settle(lease, "poisoned", lambda: lease.move_to(self.shared.poison_client(), text), handler_s)
+
+        def move() -> bool:
+            moved = lease.move_to(self.shared.poison_client(), text)
+            if moved:  # said once it happened, not before (a move that fails leaves it on the queue)
+                log.error("message %s moved to %s: %s", lease.id, self.settings.poison_name, reason)
+            return moved
+
+        self.settle(lease, "poisoned", move, handler_s)
 
 
-class ReceiveAhead:
-    """One receive on a thread of its own, picked up by the consumer when its batch is done."""
+def most_held(threads: int, settings: QueueSettings) -> int:
+    """The most messages one worker process can hold at once: per consumer thread, its batch and the next one
+    received ahead (settling messages of its batch included), plus the final calls of earlier batches still
+    under way (at most max_outstanding_settles: the settler makes consumers wait beyond that)."""
+    return max(1, threads) * 2 * settings.batch_size + settings.max_outstanding_settles
 
-    def __init__(self, receive: Callable[[], list[tuple[Lease, Message, int]] | None], name: str) -> None:
-        self.finished = threading.Event()
-        self._batch: list[tuple[Lease, Message, int]] | None = None
-        self._error: Exception | None = None
-        self._receive = receive
-        threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def _run(self) -> None:
-        try:
-            self._batch = self._receive()
-        except Exception as exc:
-            self._error = exc
-        finally:
-            self.finished.set()
+def judged_failures(envelope: Envelope, dequeue_count: int, max_dequeue_count: int) -> int:
+    """The earlier attempts of a message that count toward poison.
 
-    def result(self) -> list[tuple[Lease, Message, int]] | None:
-        self.finished.wait()
-        if self._error is not None:
-            raise self._error
-        return self._batch
+    A failure (the handler ran and raised, or its program failed) is recorded in the message by the retry's
+    update, and counts in full; a release never counts. A delivery the message does not account for ended
+    without a settle of ours: either its consumer died with it (a crash, a kill, the VM lost), or its lease
+    ran out before its handler started (a stuck or cut-off worker). The message cannot tell the two apart,
+    and a delivery that never ran must not count, yet a message that kills its worker every time must end
+    in poison rather than loop forever. So unaccounted deliveries count only beyond a grace of
+    max_dequeue_count: such a message is poisoned after about twice max_dequeue_count deliveries, and leases
+    lost for any other reason do not move a message toward poison until that many were lost.
+    """
+    unaccounted = max(0, dequeue_count - 1 - envelope.releases - envelope.failures)
+    return envelope.failures + max(0, unaccounted - max_dequeue_count)
 
 
 def release_pending(shared: Shared) -> int:
     """Give back every received-but-unstarted message at once (visibility 0); returns how many."""
-    return _release(shared, pending_only=True)
+    released = shared.leases.release(running_too=False)
+    shared.counters.add("released", released)
+    return released
 
 
 def release_all(shared: Shared) -> int:
-    """At the deadline: give back everything, running handlers' messages included, keeping their checkpoints
-    (not finished messages whose final call is queued or under way: those are settled as decided)."""
-    return _release(shared, pending_only=False)
-
-
-def _release(shared: Shared, pending_only: bool) -> int:
-    released = 0
-    states = (LeaseState.PENDING,) if pending_only else (LeaseState.PENDING, LeaseState.RUNNING)
-    for lease in shared.leases.snapshot():
-        if lease.state not in states:
-            # States only move forward, so this unlocked look is safe; it keeps a drain from waiting
-            # behind a delete or checkpoint under way on another message's lock.
-            continue
-        try:
-            if lease.release(only_if=states):
-                released += 1
-                shared.counters.add("released")
-        except Exception as exc:  # one failing call must not keep the others from being released
-            log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
-            lease.finish_without_call()
-        if lease.state is LeaseState.DONE:  # released, lost, or given up: nothing more to do with it
-            shared.leases.remove(lease)
+    """At the deadline: give back everything, running handlers' messages included (see LeaseTable.release)."""
+    released = shared.leases.release(running_too=True)
+    shared.counters.add("released", released)
     return released

@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from azure.core.exceptions import HttpResponseError
 from azure.storage.queue import QueueClient
 
 from worker.message import MAX_MESSAGE_BYTES, Codec, Envelope, UndecodableMessage, text_size
-from worker.queue.client import describe, is_lease_lost
+from worker.queue.client import describe, ensure_queue, is_lease_lost, is_queue_missing
 from worker.queue.lease_slots import LeaseSlots
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Lease:
         self.visibility_timeout_s = visibility_timeout_s
         self.renewed_at = time.monotonic()
         self.state = LeaseState.PENDING
+        self.released = False  # given back by release(): counted as released where that was called
         self.lock = threading.Lock()
         # Shared with the supervisor's lease guard (see worker.queue.lease_slots); None in a standalone worker.
         self.slots = slots
@@ -78,12 +80,40 @@ class Lease:
                 else:
                     slots.record(slot, self.pop_receipt, self.renewed_at)
 
+    def last_renewed(self) -> float:
+        """When the lease was last extended, by this process or by the supervisor's guard (read without the
+        slot's lock: a hint). Renewing one the guard just renewed would be worse than useless: a renewal
+        under way holds the slot's lock, and if a handler then takes the GIL, the guard cannot renew it."""
+        slots, slot = self.slots, self.slot
+        if slots is None or slot is None:
+            return self.renewed_at
+        return max(self.renewed_at, slots.renewed_at(slot))
+
     def start(self) -> bool:
-        """PENDING → RUNNING; False when a drain released it first."""
+        """PENDING → RUNNING; False when a drain released it first, or its lease ran out while it waited
+        (the queue may have handed it to another consumer: running it here too would run it twice)."""
         with self.lock:
             if self.state is not LeaseState.PENDING:
                 return False
-            self.state = LeaseState.RUNNING
+            with self._shared_slot():  # the guard may have renewed it meanwhile
+                if time.monotonic() - self.renewed_at >= self.visibility_timeout_s:
+                    log.warning("the lease of message %s ran out before its handler started; left to the queue", self.id)
+                    self.state = LeaseState.DONE
+                    return False
+                self.state = LeaseState.RUNNING
+                return True
+
+    def supersede(self) -> bool:
+        """The queue handed this message out again, so this receipt is void. A lease whose handler has not
+        started ends here (True: that delivery never ran). A running or settling one goes on: its next
+        queue call finds the lease lost. Never waits behind a final call under way."""
+        if self.state is not LeaseState.PENDING:  # states only move forward: no lock needed to rule PENDING out
+            return False
+        with self.lock:
+            if self.state is not LeaseState.PENDING:
+                return False
+            with self._shared_slot():
+                self.state = LeaseState.DONE
             return True
 
     def begin_settling(self) -> bool:
@@ -101,9 +131,13 @@ class Lease:
         self.pop_receipt = receipt.pop_receipt or self.pop_receipt
         self.renewed_at = time.monotonic()
 
-    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: tuple[LeaseState, ...] | None = None) -> bool:
-        """Run one queue call under the lock; a lost lease is logged and ends the lease."""
-        with self.lock:
+    def _guarded(self, what: str, action: Callable[[], Any], finish: bool, only_if: tuple[LeaseState, ...] | None = None,
+                 wait: bool = True) -> bool:
+        """Run one queue call under the lock; a lost lease is logged and ends the lease. With wait=False,
+        nothing is done (False) while another call holds the lock."""
+        if not self.lock.acquire(blocking=wait):
+            return False
+        try:
             if self.state is LeaseState.DONE or (only_if is not None and self.state not in only_if):
                 return False
             with self._shared_slot():
@@ -120,13 +154,18 @@ class Lease:
                 if finish:
                     self.state = LeaseState.DONE
                 return True
+        finally:
+            self.lock.release()
 
     def renew(self, timeout_s: float | None = None) -> bool:
-        """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one)."""
+        """Extend the lease; with `timeout_s`, one request bounded by it (no SDK retries: the keeper's next tick is one).
+        Skipped (False) while another call holds the lease: a checkpoint renews it anyway, and a final call may
+        hang until its request times out (a lost response), which must not hold up renewals."""
         request: dict[str, Any] = {}
         if timeout_s is not None:
             request = {"connection_timeout": timeout_s, "read_timeout": timeout_s, "retry_total": 0}
-        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s, **request), finish=False)
+        return self._guarded("renewal", lambda: self._update(None, self.visibility_timeout_s, **request), finish=False,
+                             wait=False)
 
     def checkpoint(self, envelope: Envelope, text: str) -> bool:
         """Store `envelope` (already sealed as `text`) and renew the lease in the same call."""
@@ -145,14 +184,26 @@ class Lease:
         """Copy `text` (default: the original text) to the poison queue, then delete: never the other way round.
         Under the lock, so a message released meanwhile (deadline) is not copied while it is back on the queue."""
         def move() -> None:
-            poison.send_message(self.envelope.original if text is None else text, time_to_live=-1)  # never expires
+            content = self.envelope.original if text is None else text
+            try:
+                poison.send_message(content, time_to_live=-1)  # never expires
+            except HttpResponseError as exc:
+                if not is_queue_missing(exc):
+                    raise
+                log.warning("poison queue %s is missing (deleted?); creating it again", poison.queue_name)
+                ensure_queue(poison)
+                poison.send_message(content, time_to_live=-1)
             self.client.delete_message(self.id, self.pop_receipt)
 
         return self._guarded("move to poison", move, finish=True)
 
     def retry_later(self, delay_s: int) -> bool:
-        # An upgraded envelope is rewritten now, or every retry would forgive its failures again.
-        content = self.codec.seal(self.envelope, self.id) if self.envelope.upgraded else None
+        """Visible again after `delay_s`, with this failed attempt recorded in the message (the same update)."""
+        counted = replace(self.envelope, failures=self.envelope.failures + 1, upgraded=False)
+        content: str | None = self.codec.seal(counted, self.id)
+        if content is not None and text_size(content) > MAX_MESSAGE_BYTES:
+            # No room for the header: the failure goes unrecorded (it still counts, late: see judged_failures).
+            content = None
         return self._guarded("retry", lambda: self._update(content, delay_s), finish=True)
 
     def release(self, only_if: tuple[LeaseState, ...] | None = None, delay_s: int = 0) -> bool:
@@ -172,7 +223,8 @@ class Lease:
             self.client.send_message(self.envelope.original, visibility_timeout=delay_s or None)
             self.client.delete_message(self.id, self.pop_receipt)
 
-        return self._guarded("release", give_back, finish=True, only_if=only_if)
+        self.released = self._guarded("release", give_back, finish=True, only_if=only_if)
+        return self.released
 
     def finish_without_call(self) -> None:
         with self.lock, self._shared_slot():
@@ -187,12 +239,42 @@ class LeaseTable:
         self._lock = threading.Lock()
 
     def add(self, lease: Lease) -> None:
+        """Hold `lease`. A lease this process still held for the same message (its receipt was voided when the
+        queue handed the message out again) must have been superseded first: see `earlier`."""
         with self._lock:
             self._leases[lease.id] = lease
 
-    def remove(self, lease: Lease) -> None:
+    def earlier(self, message_id: str) -> Lease | None:
+        """The lease this process holds for `message_id`, if any."""
         with self._lock:
-            self._leases.pop(lease.id, None)
+            return self._leases.get(message_id)
+
+    def remove(self, lease: Lease) -> None:
+        """Forget `lease` (not a later delivery of the same message that replaced it)."""
+        with self._lock:
+            if self._leases.get(lease.id) is lease:
+                del self._leases[lease.id]
+
+    def release(self, running_too: bool) -> int:
+        """Give back every message not started yet (visibility 0), and with `running_too` those of running
+        handlers as well, keeping their checkpoints (never finished ones whose final call is queued or under
+        way: those are settled as decided); returns how many. Released or lost leases leave the table."""
+        released = 0
+        states = (LeaseState.PENDING, LeaseState.RUNNING) if running_too else (LeaseState.PENDING,)
+        for lease in self.snapshot():
+            if lease.state not in states:
+                # States only move forward, so this unlocked look is safe; it keeps a drain from waiting
+                # behind a delete or checkpoint under way on another message's lock.
+                continue
+            try:
+                if lease.release(only_if=states):
+                    released += 1
+            except Exception as exc:  # one failing call must not keep the others from being released
+                log.warning("could not release message %s (%s); it reappears after its lease", lease.id, describe(exc))
+                lease.finish_without_call()
+            if lease.state is LeaseState.DONE:  # released, lost, or given up: nothing more to do with it
+                self.remove(lease)
+        return released
 
     def snapshot(self) -> list[Lease]:
         with self._lock:
@@ -201,6 +283,12 @@ class LeaseTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._leases)
+
+
+def renewal_timeout_s(visibility_timeout_s: int, request_timeout_s: float) -> float:
+    """The time limit of one renewal request: well under the margin left at renewal time (half the
+    visibility timeout, or less for the supervisor's guard), so several tries fit in it."""
+    return max(0.5, min(request_timeout_s, visibility_timeout_s / 6))
 
 
 class LeaseKeeper(threading.Thread):
@@ -217,8 +305,7 @@ class LeaseKeeper(threading.Thread):
         super().__init__(name="lease-keeper", daemon=True)
         self.table = table
         self.renew_after_s = visibility_timeout_s / 2
-        # Well under the margin left at renewal time (half the timeout): several tries fit in it.
-        self.renew_timeout_s = max(0.5, min(request_timeout_s, visibility_timeout_s / 6))
+        self.renew_timeout_s = renewal_timeout_s(visibility_timeout_s, request_timeout_s)
         self.tick_s = max(0.05, min(1.0, visibility_timeout_s / 6))
         self.stop_event = stop
         self._renewing: set[str] = set()
@@ -237,7 +324,7 @@ class LeaseKeeper(threading.Thread):
                                 "supervisor, its lease guard renews meanwhile, otherwise leases may have been lost",
                                 stalled)
                 for lease in self.table.snapshot():
-                    if lease.state is LeaseState.DONE or now - lease.renewed_at < self.renew_after_s:
+                    if lease.state is LeaseState.DONE or now - lease.last_renewed() < self.renew_after_s:
                         continue
                     with self._renewing_lock:
                         if lease.id in self._renewing:

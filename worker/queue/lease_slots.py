@@ -89,8 +89,14 @@ class LeaseSlots:
 
     # -- the worker's side
 
+    def free_count(self) -> int:
+        """Slots this process has not handed out (the worker receives no more than this)."""
+        with self._claim_lock:
+            return self.slots - len(self._claimed)
+
     def claim(self, message_id: str, pop_receipt: str, visibility_timeout_s: int, release_text: str | None) -> int | None:
-        """A slot for a newly received message, or None when every slot is taken (it then has no guard)."""
+        """A slot for a newly received message, or None when every slot is taken or the id or receipt does
+        not fit (the caller must then not hold the message: nothing could renew it for a stuck worker)."""
         raw_id, raw_receipt = message_id.encode(), pop_receipt.encode()
         if len(raw_id) > _ID_MAX or len(raw_receipt) > _RECEIPT_MAX:
             return None

@@ -121,8 +121,8 @@ class Telemetry:
 
     def message_span(self, message_id: str, dequeue_count: int, queue: str) -> _MessageSpan:
         """`with telemetry.message_span(...) as span:` -- span "process message" (CONSUMER), current
-        for the handler run. An exception is recorded on it and re-raised; the span is marked failed
-        as failed.
+        for the handler run. An exception that escapes the block is recorded on the span (status ERROR) and
+        propagates; the consumer catches a handler's own exceptions and marks the span with mark_failed.
         """
         return _MessageSpan(self, {
             **self.point_attributes,
