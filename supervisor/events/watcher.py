@@ -16,6 +16,7 @@ from collections.abc import Callable
 from supervisor.config import EventsSettings
 from supervisor.events.azure import EventSource
 from supervisor.events.eviction import Acknowledged, Decision, EvictionPolicy
+from supervisor.retry_after import honour_retry_after
 from supervisor.vm.imds import ImdsError, fetch_instance_info
 from supervisor.vm.planning import INSTANCE_TIMEOUT_S
 from worker.common.backoff import Backoff
@@ -148,11 +149,9 @@ class EventWatcher(threading.Thread):
 
     def _failed(self, message: str, retry_after_s: float | None) -> float:
         self.consecutive_failures += 1
-        delay = self._backoff.next_delay()
-        if retry_after_s is not None:
-            # Honoured, but never beyond the cap: missing an eviction notice
-            # costs more than a few extra requests to a throttled IMDS.
-            delay = max(delay, min(retry_after_s, self._backoff.cap_s))
+        # Retry-After is honoured, but never beyond the cap: missing an eviction notice
+        # costs more than a few extra requests to a throttled IMDS.
+        delay = honour_retry_after(self._backoff.next_delay(), retry_after_s, self._backoff.cap_s)
         now = time.monotonic()
         level = logging.DEBUG
         if now >= self._next_failure_warning:

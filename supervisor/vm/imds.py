@@ -7,7 +7,6 @@ connection, HTTP status, unexpected payload).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -15,12 +14,14 @@ from typing import Any, TypeGuard
 import httpx
 
 from supervisor.retry_after import parse_retry_after
+from worker.common import jsonsafe
 from worker.common.text import one_line
 
 log = logging.getLogger(__name__)
 
 INSTANCE_API_VERSION = "2021-02-01"
 METADATA_HEADERS = {"Metadata": "true"}
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a real one is a few KB
 
 
 class ImdsError(Exception):
@@ -111,9 +112,9 @@ def status_error(method: str, url: str, response: httpx.Response) -> ImdsError:
 
 def load_json(raw: bytes | str, what: str) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImdsError(f"{what}: not valid JSON ({one_line(str(exc))})") from None
+        return jsonsafe.loads(raw, max_bytes=MAX_DOCUMENT_BYTES)
+    except jsonsafe.JsonError as exc:
+        raise ImdsError(f"{what}: not valid JSON ({exc})") from None
 
 
 def is_json_int(value: Any) -> TypeGuard[int]:
