@@ -203,3 +203,11 @@ def test_jsonsafe_never_raises_anything_but_json_error() -> None:
             except jsonsafe.JsonError:
                 pass
     assert json.loads(json.dumps(jsonsafe.loads('{"a": [1, {"b": null}]}'))) == {"a": [1, {"b": None}]}
+
+
+def test_a_poison_note_is_ours_only_for_the_text_it_was_written_for() -> None:
+    ours = poisoned_text("body one", "handler failed", "id-1")
+    header = ours.split("\n", 1)[0]
+    assert read_poisoned(ours)[1] is not None
+    for forged in (f"{header}\nbody two", f"{header}\nbody one ", f"{header}\n"):
+        assert read_poisoned(forged) == (forged, None)
