@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from supervisor.cli_failure import report_failure
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from supervisor.ops import poison_cli
 from worker.handler import HandlerImportError, describe_workload
@@ -123,13 +124,11 @@ def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> i
     from azure.core.exceptions import AzureError
 
     from supervisor.ops.enqueue import EnqueueError, run_enqueue
-    from worker.queue.client import describe
 
     try:
         return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
     except (EnqueueError, OSError, AzureError) as exc:
-        print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-        return 1
+        return report_failure("enqueue", exc)
 
 
 def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
@@ -139,19 +138,16 @@ def print_prices(settings: SupervisorSettings, sku: str | None, region: str | No
 
     if not (sku and region):
         if settings.events.source != "azure":
-            print("prices: give --sku and --region (events.source is \"none\": no instance metadata to ask)", file=sys.stderr)
-            return 1
+            return report_failure("prices", "give --sku and --region (events.source is \"none\": no instance metadata to ask)")
         try:
             instance = fetch_instance_info(settings.events.endpoint, INSTANCE_TIMEOUT_S)
         except ImdsError as exc:
-            print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
-            return 1
+            return report_failure("prices", f"this VM's size and region are unknown ({exc}); give --sku and --region")
         sku, region = sku or instance.vm_size, region or instance.location
     try:
         quote, cached = get_quote(settings.cost.prices_endpoint, sku, region)
     except PricesError as exc:
-        print(f"prices: {exc}", file=sys.stderr)
-        return 1
+        return report_failure("prices", exc)
     if as_json:
         print(json.dumps({**quote.to_dict(), "cached": cached}))
     else:

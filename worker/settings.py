@@ -34,6 +34,7 @@ else:  # pragma: no cover
 
 ENV_PREFIX = "SPOT_"
 MAX_BATCH_SIZE = 32  # the Queue service's limit for one Get Messages call
+MAX_PEEK = 32  # and for one Peek Messages call (only peeking leaves messages untouched)
 MAX_OUTSTANDING_SETTLES = 8  # a queue client pools 10 connections: settles, a receive ahead and a renewal fit
 MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 HOUR_S = 3600.0

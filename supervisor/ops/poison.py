@@ -18,17 +18,20 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient, QueueMessage
 
-from supervisor.ops.poison_cli import PEEK_LIMIT, PoisonError
 from worker.message import Codec, UndecodableMessage
 from worker.queue.client import make_queue_client
 from worker.queue.poisoned import read_poisoned
-from worker.settings import QueueSettings
+from worker.settings import MAX_PEEK, QueueSettings
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BATCH = 32
 HOLD_S = 120  # how long requeue keeps a received poison message hidden while it works
 PREVIEW_CHARS = 80
+
+
+class PoisonError(Exception):
+    """One line for the operator; exit 1."""
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,13 @@ class PoisonedMessage:
         return asdict(self)
 
 
-def list_poisoned(settings: QueueSettings, limit: int = PEEK_LIMIT) -> tuple[list[PoisonedMessage], int | None]:
+def list_poisoned(settings: QueueSettings, limit: int = MAX_PEEK) -> tuple[list[PoisonedMessage], int | None]:
     """Up to `limit` (≤ 32) messages, oldest first, without touching them; and the approximate total."""
     client = make_queue_client(settings, settings.poison_name)
     codec = Codec(settings.message_encoding)
     try:
         total = client.get_queue_properties().approximate_message_count
-        peeked = client.peek_messages(max_messages=min(limit, PEEK_LIMIT))
+        peeked = client.peek_messages(max_messages=min(limit, MAX_PEEK))
     except ResourceNotFoundError:
         return [], 0
     return [describe_poisoned(m, codec) for m in peeked], total

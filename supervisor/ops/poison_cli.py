@@ -1,20 +1,14 @@
 """The `spot-supervisor poison` verbs: arguments here, the work in supervisor/ops/poison.py
-(imported only when a poison command runs, so the other commands load no queue client)."""
+(imported only when a poison command runs, so the other commands load no queue client; it never
+imports this module)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from worker.settings import QueueSettings
-
-PEEK_LIMIT = 32  # the Queue service peeks at most 32 messages, and only peeking leaves them untouched
-
-
-class PoisonError(Exception):
-    """One line for the operator; exit 1."""
+from supervisor.cli_failure import report_failure
+from worker.settings import MAX_PEEK, QueueSettings
 
 
 def add_arguments(poison: argparse.ArgumentParser) -> None:
@@ -22,7 +16,7 @@ def add_arguments(poison: argparse.ArgumentParser) -> None:
     listing = verbs.add_parser("list", help="the messages in <queue>-poison, oldest first, and why they are there")
     listing.add_argument("--config")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.add_argument("--limit", type=_limit, default=PEEK_LIMIT, help=f"at most this many (1-{PEEK_LIMIT}, the default)")
+    listing.add_argument("--limit", type=_limit, default=MAX_PEEK, help=f"at most this many (1-{MAX_PEEK}, the default)")
     again = verbs.add_parser("requeue", help="put messages back on the main queue as fresh messages, original text unchanged")
     again.add_argument("--config")
     again.add_argument("--all", action="store_true", help="every message in the poison queue")
@@ -37,8 +31,8 @@ def _limit(text: str) -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= PEEK_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {PEEK_LIMIT} (the most the queue service peeks at), "
+    if not 1 <= value <= MAX_PEEK:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_PEEK} (the most the queue service peeks at), "
                                          f"got {text!r}")
     return value
 
@@ -55,13 +49,12 @@ def run(args: argparse.Namespace, settings: QueueSettings) -> int:
     """Exit code of a `poison` command; one line on stderr for what went wrong."""
     from azure.core.exceptions import AzureError
 
-    from worker.queue.client import describe
+    from supervisor.ops.poison import PoisonError
 
     try:
         return _run(args, settings)
     except (PoisonError, AzureError) as exc:
-        print(f"poison: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-        return 1
+        return report_failure("poison", exc)
 
 
 def _run(args: argparse.Namespace, settings: QueueSettings) -> int:
