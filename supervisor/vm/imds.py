@@ -94,7 +94,21 @@ def parse_instance(raw: bytes | str) -> InstanceInfo:
 def send(client: httpx.Client, method: str, url: str, *, headers: dict[str, str] | None = None,
          **kwargs: Any) -> httpx.Response:
     try:
-        return client.request(method, url, headers={**METADATA_HEADERS, **(headers or {})}, **kwargs)
+        request = client.build_request(method, url, headers={**METADATA_HEADERS, **(headers or {})}, **kwargs)
+        response = client.send(request, stream=True)
+        try:  # read up to the cap only: a runaway answer costs this much memory, no more
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise ImdsError(f"IMDS {method} {url}: answer over {MAX_DOCUMENT_BYTES} bytes; not read further",
+                                    status=response.status_code)
+        finally:
+            response.close()
+        # The body is decoded already: headers that would make httpx decode or frame it again are left out.
+        kept = [(k, v) for k, v in response.headers.items()
+                if k.lower() not in ("content-encoding", "transfer-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=kept, content=bytes(body), request=request)
     except httpx.TimeoutException as exc:
         raise ImdsError(f"IMDS {method} {url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:

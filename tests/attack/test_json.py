@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 from supervisor.events.azure import parse_document
 from supervisor.ops.prices import PricesError, fetch_quote, read_cached
 from supervisor.simulator.server import ImdsSimulator
-from supervisor.vm.imds import ImdsError, parse_instance
+from supervisor.vm.imds import ImdsError, fetch_instance_info, parse_instance
 from testsupport.harness import Supervisor
 from testsupport.hostile_json import BROKEN_TEXTS, HOSTILE_VALUES, deep_array, event_text, events_document, huge_string
 from testsupport.hostile_prices import Answer, HostilePrices
@@ -211,3 +211,9 @@ def test_a_poison_note_is_ours_only_for_the_text_it_was_written_for() -> None:
     assert read_poisoned(ours)[1] is not None
     for forged in (f"{header}\nbody two", f"{header}\nbody one ", f"{header}\n"):
         assert read_poisoned(forged) == (forged, None)
+
+
+def test_a_runaway_metadata_answer_is_read_only_up_to_the_cap() -> None:
+    with HostilePrices(Answer(body=b'{"compute": {"name": "', padding_bytes=64 * 1024 * 1024)) as server:
+        with pytest.raises(ImdsError, match="not read further"):
+            fetch_instance_info(server.base, 30)
