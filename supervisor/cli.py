@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from supervisor.cli_failure import report_failure
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
 from supervisor.ops import poison_cli
 from worker.handler import describe_workload
@@ -127,13 +128,11 @@ def enqueue_command(settings: SupervisorSettings, args: argparse.Namespace) -> i
     from azure.core.exceptions import AzureError
 
     from supervisor.ops.enqueue import EnqueueError, run_enqueue
-    from worker.queue.client import describe
 
     try:
         return run_enqueue(settings.queue, args.count, args.file, args.chunks, args.chunk_ms)
     except (EnqueueError, OSError, AzureError) as exc:
-        print(f"enqueue: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-        return 1
+        return report_failure("enqueue", exc)
 
 
 def print_prices(settings: SupervisorSettings, sku: str | None, region: str | None, as_json: bool) -> int:
@@ -145,24 +144,20 @@ def print_prices(settings: SupervisorSettings, sku: str | None, region: str | No
     if not (sku and region):
         choice = choose_source(settings.events)
         if choice.source in ("aws", "gcp"):
-            print(f"prices: not available on {choice.source.upper()} (Azure Retail Prices only); "
-                  "give --sku and --region of an Azure VM size", file=sys.stderr)
-            return 1
+            return report_failure("prices", f"not available on {choice.source.upper()} (Azure Retail Prices only); "
+                                  "give --sku and --region of an Azure VM size")
         if choice.source != "azure":
-            print(f"prices: give --sku and --region (events source is \"{choice.source}\": no instance metadata to ask)",
-                  file=sys.stderr)
-            return 1
+            return report_failure("prices", f"give --sku and --region (events source is \"{choice.source}\": "
+                                  "no instance metadata to ask)")
         try:
             instance = fetch_instance_info(choice.endpoint, INSTANCE_TIMEOUT_S)
         except ImdsError as exc:
-            print(f"prices: this VM's size and region are unknown ({exc}); give --sku and --region", file=sys.stderr)
-            return 1
+            return report_failure("prices", f"this VM's size and region are unknown ({exc}); give --sku and --region")
         sku, region = sku or instance.vm_size, region or instance.location
     try:
         quote, cached = get_quote(settings.cost.prices_endpoint, sku, region)
     except PricesError as exc:
-        print(f"prices: {exc}", file=sys.stderr)
-        return 1
+        return report_failure("prices", exc)
     if as_json:
         print(json.dumps({**quote.to_dict(), "cached": cached}))
     else:

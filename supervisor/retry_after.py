@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 
 
@@ -22,3 +23,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def honour_retry_after(delay_s: float, retry_after_s: float | None, cap_s: float = math.inf) -> float:
+    """The longer of our own backoff delay and the server's Retry-After, the latter cut to `cap_s`
+    (a server must not be able to park a caller for hours)."""
+    if retry_after_s is None:
+        return delay_s
+    return max(delay_s, min(retry_after_s, cap_s))

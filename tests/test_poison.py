@@ -160,3 +160,26 @@ def test_note_round_trip_and_limits() -> None:
     assert read_poisoned(deep) == (deep, None)
 
 
+
+
+def test_a_note_look_alike_that_was_not_written_for_this_text_is_producer_text(
+        azurite: Azurite, queue: QueueClient, queue_name: str) -> None:
+    """Issue 21: `poison requeue` stripped a producer's own first line when it merely looked like our note, and
+    `poison list` showed its made-up reason. A note is ours only when it names the digest of the text after it."""
+    env = child_env(azurite, queue_name=queue_name)
+    poison = azurite.queue(f"{queue_name}-poison")
+    poison.create_queue()
+    ours = poisoned_text("the real body", "handler failed", "orig-1", 5)
+    header = ours.split("\n", 1)[0]
+    look_alike = f"{header}\nsomething else entirely"  # a producer's text, poisoned without a note (too big, another tool)
+    legacy = '#spot-supervisor-poisoned/1 {"reason":"old note","message_id":"m","dequeue_count":3}\nold body'
+    for text in (look_alike, ours, legacy):
+        poison.send_message(text)
+    listed = {m["body_preview"]: m for m in json.loads(cli(env, "poison", "list", "--json").stdout)["messages"]}
+    assert listed["the real body"]["reason"] == "handler failed"
+    assert listed["old body"]["reason"] == "old note"  # written by version 1: still read
+    fake = next(m for body, m in listed.items() if body not in ("the real body", "old body"))
+    assert fake["body_preview"].startswith("#spot-supervisor-poisoned/2 ")
+    assert fake["reason"] is None and fake["original_id"] is None
+    assert cli(env, "poison", "requeue", "--all").returncode == 0
+    assert sorted(peek(queue)) == sorted([look_alike, "the real body", "old body"])

@@ -401,3 +401,26 @@ def test_watcher_stops_promptly(ctl: httpx.Client, watch) -> None:
     watcher.stop()
     assert not watcher.is_alive()
     assert time.monotonic() - started < 0.5
+
+
+def test_a_wrong_endpoint_is_reported_again_and_again_never_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 21: after the first warning a wrong IMDS endpoint went quiet (DEBUG), though evictions stayed
+    unwatched for as long as the service ran. Now one WARNING per interval while it keeps failing."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = EventsSettings(endpoint=dead, request_timeout_s=0.2)
+    source = AzureScheduledEvents(dead, 0.2, first_request_timeout_s=0.2)
+    watcher = EventWatcher(source, settings, "", name_backoff=Backoff(base_s=0.02, cap_s=0.05), warning_every_s=0.2)
+    with caplog.at_level("DEBUG", logger="supervisor.events.watcher"):
+        watcher.watch(lambda decision: None)
+        try:
+            deadline = time.monotonic() + 10
+            while sum(r.levelname == "WARNING" for r in caplog.records) < 3:
+                assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                time.sleep(0.05)
+        finally:
+            watcher.stop()
+            source.close()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert all("evictions are not watched" in r.getMessage() and dead in r.getMessage() for r in warnings)
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in caplog.records)
+    assert any(r.levelname == "DEBUG" for r in caplog.records)  # the attempts in between stay quiet

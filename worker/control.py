@@ -11,7 +11,12 @@ import logging
 import socket
 from typing import Any
 
+from worker.common import jsonsafe
+
 log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 1024 * 1024  # a real message is under 1 KB
+MAX_LINE_DEPTH = 8
 
 
 class Kind:
@@ -69,12 +74,15 @@ class Channel:
                 break
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > MAX_LINE_BYTES:  # a line with no end in sight: dropped, not held
+            log.warning("control channel: dropping %d bytes without a line end", len(self._buffer))
+            self._buffer = b""
         messages = []
         for line in lines:
             try:
-                message = json.loads(line)
-            except ValueError:
-                log.warning("control channel: ignoring malformed line %r", line[:200])
+                message = jsonsafe.loads(line, max_bytes=MAX_LINE_BYTES, max_depth=MAX_LINE_DEPTH)
+            except jsonsafe.JsonError as exc:
+                log.warning("control channel: ignoring a malformed line (%s): %r", exc, line[:80])
                 continue
             if isinstance(message, dict) and isinstance(message.get("kind"), str):
                 messages.append(message)

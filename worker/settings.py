@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,6 +173,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this one through as it is
+        raise ConfigError("--config", f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _build_section(name: str, cls: type, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
@@ -262,8 +265,8 @@ def validate(s: Settings, require_queue: bool = True) -> None:
             "required: set queue.connection_string (keys, Azurite) or queue.account_url (managed identity)")
     require(not (q.connection_string and q.account_url), "queue.account_url",
             "set either queue.connection_string or queue.account_url, not both")
-    require(not q.account_url or q.account_url.startswith(("https://", "http://")), "queue.account_url",
-            f"must be an http(s) URL such as https://<account>.queue.core.windows.net, got {q.account_url!r}")
+    require(not q.account_url or http_url_problem(q.account_url) is None, "queue.account_url",
+            f"must be an http(s) URL with a host, such as https://<account>.queue.core.windows.net, got {q.account_url!r}")
     require(_valid_queue_name(q.name), "queue.name",
             f"must be 3-57 characters of lower-case letters, digits and single hyphens (the -poison suffix must fit 63), got {q.name!r}")
     require(1 <= q.visibility_timeout_s <= MAX_VISIBILITY_TIMEOUT_S, "queue.visibility_timeout_s",
@@ -282,6 +285,9 @@ def validate(s: Settings, require_queue: bool = True) -> None:
     require_between(q.request_timeout_s, "queue.request_timeout_s", 0, HOUR_S, low_inclusive=False)
     problem = connection_string_problem(q.connection_string) if q.connection_string else None
     require(problem is None, "queue.connection_string", f"{problem} (the secret itself is not shown)")
+    require(not q.api_version or _sdk_knows_api_version(q.api_version), "queue.api_version",
+            f"the Storage SDK does not know {q.api_version!r}; leave it empty for the SDK's newest, or pin a "
+            "version it lists, such as 2019-02-02")
 
     w = s.workload
     require(_valid_handler_ref(w.handler), "workload.handler",
@@ -313,6 +319,34 @@ def _validate_command(command: str) -> None:
     require(bool(argv), "workload.command", "is blank: leave it empty (\"\") to use workload.handler")
 
 
+def http_url_problem(url: str) -> str | None:
+    """Why `url` is not an http(s) URL with a host and a valid port, or None."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "contains spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number or out of range
+    except ValueError as exc:
+        return f"cannot be parsed ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "is not an http(s) URL"
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
+def _sdk_knows_api_version(version: str) -> bool:
+    """Whether the Storage SDK accepts this API version (it refuses unknown ones when a client is built, in
+    every worker: here the refusal becomes one configuration error)."""
+    from azure.storage.queue import QueueClient
+
+    try:
+        QueueClient("https://account.queue.core.windows.net", "q", api_version=version)
+    except ValueError:
+        return False
+    return True
+
+
 def connection_string_problem(text: str) -> str | None:
     """Why the Storage SDK would reject this connection string (in every worker, at every start), or None.
 
@@ -325,8 +359,8 @@ def connection_string_problem(text: str) -> str | None:
     if values.get("USEDEVELOPMENTSTORAGE") == "true":
         return None
     endpoint = values.get("QUEUEENDPOINT", "")
-    if endpoint and not (endpoint.startswith(("https://", "http://")) and endpoint.split("://", 1)[1].strip("/")):
-        return "QueueEndpoint must be an http(s) URL"
+    if endpoint and http_url_problem(endpoint) is not None:
+        return "QueueEndpoint must be an http(s) URL with a host"
     if values.get("DEFAULTENDPOINTSPROTOCOL", "https") not in ("http", "https"):
         return "DefaultEndpointsProtocol must be http or https"
     if not (values.get("ACCOUNTNAME") or endpoint):

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from supervisor.vm.imds import ImdsError, InstanceInfo, fetch_instance_info, is_json_int, load_json, send, status_error
+from supervisor.vm.imds import MAX_DOCUMENT_BYTES, ImdsError, InstanceInfo, fetch_instance_info, is_json_int, send, status_error
+from worker.common import jsonsafe
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ API_VERSION = "2020-07-01"
 # Azure enables Scheduled Events for the VM on the first call, which can take
 # up to two minutes to answer.
 FIRST_REQUEST_TIMEOUT_S = 120.0
+EVENT_FIELD_MAX_DEPTH = 4  # every field read is a scalar or a list of strings
 
 
 @dataclass(frozen=True)
@@ -42,20 +44,25 @@ class EventsDocument:
 
 
 def parse_document(raw: bytes | str) -> EventsDocument:
-    data = load_json(raw, "scheduled events")
-    if not isinstance(data, dict):
-        raise ImdsError(f"scheduled events: expected a JSON object, got {type(data).__name__}")
-    incarnation = data.get("DocumentIncarnation")
+    """The document, read event by event and field by field.
+
+    Each event is taken apart before its fields are decoded, so a neighbour's event that cannot be read
+    (thousands of nested arrays, wrong types, NaN) is skipped alone, with one line in `problems`, and
+    never hides an event for this VM."""
+    try:
+        members = jsonsafe.object_members(jsonsafe.as_text(raw, MAX_DOCUMENT_BYTES))
+        incarnation = jsonsafe.loads(members.get("DocumentIncarnation", "null"))
+        events_text = members.get("Events", "null")
+        items = jsonsafe.array_items(events_text) if events_text.startswith("[") else None
+    except jsonsafe.JsonError as exc:
+        raise ImdsError(f"scheduled events: not valid JSON ({exc})") from None
     if not is_json_int(incarnation):
-        raise ImdsError(f"scheduled events: DocumentIncarnation must be an integer, got {incarnation!r}")
-    events = data.get("Events")
-    if not isinstance(events, list):
-        raise ImdsError(f"scheduled events: Events must be a list, got {events!r:.80}")
-    # One event that cannot be read must not hide the others (a Preempt for this VM beside a
-    # malformed event for a neighbour): each is read on its own.
+        raise ImdsError(f"scheduled events: DocumentIncarnation must be an integer, got {incarnation!r:.80}")
+    if items is None:
+        raise ImdsError(f"scheduled events: Events must be a list, got {events_text:.80}")
     parsed: list[ScheduledEvent] = []
     problems: list[str] = []
-    for index, item in enumerate(events):
+    for index, item in enumerate(items):
         try:
             parsed.append(_parse_event(index, item, problems))
         except ImdsError as exc:
@@ -63,19 +70,24 @@ def parse_document(raw: bytes | str) -> EventsDocument:
     return EventsDocument(incarnation=incarnation, events=tuple(parsed), problems=tuple(problems))
 
 
-def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
+def _parse_event(index: int, item: str, problems: list[str]) -> ScheduledEvent:
     """Raises ImdsError when a field that decides what to do cannot be read; the others fall back to
-    a default, with a line in `problems`."""
+    a default, with a line in `problems`. Only the fields read here are ever decoded."""
     where = f"scheduled events: Events[{index}]"
-    if not isinstance(item, dict):
-        raise ImdsError(f"{where}: expected an object, got {item!r:.80}")
+    try:
+        members = jsonsafe.object_members(item)
+    except jsonsafe.JsonError as exc:
+        raise ImdsError(f"{where}: expected an object ({exc}), got {item:.80}") from None
 
     def field(key: str, kind: type, default: Any = None) -> Any:
-        if key not in item:
+        if key not in members:
             if default is None:
                 raise ImdsError(f"{where}: missing {key}")
             return default
-        value = item[key]
+        try:
+            value = jsonsafe.loads(members[key], max_depth=EVENT_FIELD_MAX_DEPTH)
+        except jsonsafe.JsonError as exc:
+            value = _Unreadable(str(exc))
         if not isinstance(value, kind) or isinstance(value, bool):
             if default is None:
                 raise ImdsError(f"{where}: {key} must be {kind.__name__}, got {value!r:.80}")
@@ -84,7 +96,7 @@ def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
         return value
 
     event_id = field("EventId", str)
-    where = f"{where} ({event_id})"
+    where = f"{where} ({event_id:.80})"
     resources = field("Resources", list)
     if not all(isinstance(r, str) for r in resources):
         raise ImdsError(f"{where}: Resources must be a list of strings, got {resources!r:.80}")
@@ -103,6 +115,16 @@ def _parse_event(index: int, item: Any, problems: list[str]) -> ScheduledEvent:
         duration_s=field("DurationInSeconds", int, -1),
         description=field("Description", str, ""),
     )
+
+
+class _Unreadable:
+    """A field whose text is not JSON we accept: shown in the problem line by why, never by its text."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"unreadable JSON ({self.why})"
 
 
 def _parse_not_before(where: str, text: str) -> datetime | None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from supervisor.config import EventsSettings
 from supervisor.events.azure import EventSource
 from supervisor.events.eviction import Acknowledged, Decision, EvictionPolicy
+from supervisor.retry_after import honour_retry_after
 from supervisor.vm.imds import ImdsError
 from supervisor.vm.planning import INSTANCE_TIMEOUT_S
 from worker.common.backoff import Backoff
@@ -27,7 +28,8 @@ FAILURE_WARNING_EVERY_S = 60.0  # while polls keep failing, one WARNING a minute
 
 class EventWatcher(threading.Thread):
     def __init__(self, source: EventSource, settings: EventsSettings, vm_name: str, *,
-                 backoff: Backoff | None = None, clock: Callable[[], float] = time.time) -> None:
+                 backoff: Backoff | None = None, clock: Callable[[], float] = time.time,
+                 name_backoff: Backoff | None = None, warning_every_s: float = FAILURE_WARNING_EVERY_S) -> None:
         super().__init__(name="scheduled-events", daemon=True)
         self._source = source
         self.settings = settings
@@ -43,6 +45,8 @@ class EventWatcher(threading.Thread):
         self.last_success: float | None = None
         self.consecutive_failures = 0
         self._next_failure_warning = 0.0
+        self._warning_every_s = warning_every_s
+        self._name_backoff = name_backoff or Backoff(base_s=1.0, cap_s=30.0)
         self._problems_logged: set[str] = set()
 
     def watch(self, on_decision: Callable[[Decision], None]) -> None:
@@ -75,16 +79,27 @@ class EventWatcher(threading.Thread):
 
     def _learn_vm_name(self) -> bool:
         """Until instance metadata names this VM (it may not answer at boot); False when stopped first."""
-        backoff = Backoff(base_s=1.0, cap_s=30.0)
+        failures = 0
         while not self.vm_name:
-            if self._stopping.wait(backoff.next_delay()):
+            if self._stopping.wait(self._name_backoff.next_delay()):
                 return False
             try:
                 self.vm_name = self._source.instance_info(INSTANCE_TIMEOUT_S).name
                 log.info("instance metadata answered: this VM is %s", self.vm_name)
             except ImdsError as exc:
-                log.debug("instance metadata still unavailable: %s", exc)
+                failures += 1
+                # Not only once: a wrong endpoint leaves evictions unwatched for as long as the service runs.
+                log.log(self._failure_level(), "%s: instance metadata unavailable (%d attempt(s)): %s; evictions "
+                        "are not watched until it answers", self._source.name, failures, exc)
         return not self._stopping.is_set()
+
+    def _failure_level(self) -> int:
+        """WARNING once per warning interval while failures go on, DEBUG in between."""
+        now = time.monotonic()
+        if now < self._next_failure_warning:
+            return logging.DEBUG
+        self._next_failure_warning = now + self._warning_every_s
+        return logging.WARNING
 
     def poll_once(self) -> float:
         """One poll and its consequences; returns how long to wait before the next."""
@@ -148,16 +163,9 @@ class EventWatcher(threading.Thread):
 
     def _failed(self, message: str, retry_after_s: float | None) -> float:
         self.consecutive_failures += 1
-        delay = self._backoff.next_delay()
-        if retry_after_s is not None:
-            # Honoured, but never beyond the cap: missing an eviction notice
-            # costs more than a few extra requests to a throttled IMDS.
-            delay = max(delay, min(retry_after_s, self._backoff.cap_s))
-        now = time.monotonic()
-        level = logging.DEBUG
-        if now >= self._next_failure_warning:
-            level = logging.WARNING
-            self._next_failure_warning = now + FAILURE_WARNING_EVERY_S
-        log.log(level, "scheduled events poll failed (%d in a row), retrying in %.1fs: %s",
-                self.consecutive_failures, delay, message)
+        # Retry-After is honoured, but never beyond the cap: missing an eviction notice
+        # costs more than a few extra requests to a throttled IMDS.
+        delay = honour_retry_after(self._backoff.next_delay(), retry_after_s, self._backoff.cap_s)
+        log.log(self._failure_level(), "scheduled events poll failed (%d in a row), retrying in %.1fs: %s; "
+                "evictions are not watched until it answers", self.consecutive_failures, delay, message)
         return delay

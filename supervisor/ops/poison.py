@@ -18,7 +18,6 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient, QueueMessage
 
-from supervisor.ops.poison_cli import PoisonError
 from worker.message import Codec, UndecodableMessage
 from worker.queue.client import make_queue_client
 from worker.queue.poisoned import read_poisoned
@@ -28,6 +27,10 @@ log = logging.getLogger(__name__)
 
 HOLD_S = 120  # how long requeue keeps a received poison message hidden while it works
 PREVIEW_CHARS = 80
+
+
+class PoisonError(Exception):
+    """One line for the operator; exit 1."""
 
 
 @dataclass(frozen=True)

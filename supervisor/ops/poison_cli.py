@@ -1,21 +1,14 @@
 """The `spot-supervisor poison` verbs: arguments here, the work in supervisor/ops/poison.py
-(imported only when a poison command runs, so the other commands load no queue client)."""
+(imported only when a poison command runs, so the other commands load no queue client; it never
+imports this module)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
-from worker.settings import MAX_MESSAGES_PER_CALL  # peeking (which leaves messages untouched) shows at most this many
-
-if TYPE_CHECKING:
-    from worker.settings import QueueSettings
-
-
-
-class PoisonError(Exception):
-    """One line for the operator; exit 1."""
+from supervisor.cli_failure import report_failure
+from worker.settings import MAX_MESSAGES_PER_CALL, QueueSettings
 
 
 def add_arguments(poison: argparse.ArgumentParser) -> None:
@@ -57,13 +50,12 @@ def run(args: argparse.Namespace, settings: QueueSettings) -> int:
     """Exit code of a `poison` command; one line on stderr for what went wrong."""
     from azure.core.exceptions import AzureError
 
-    from worker.queue.client import describe
+    from supervisor.ops.poison import PoisonError
 
     try:
         return _run(args, settings)
     except (PoisonError, AzureError) as exc:
-        print(f"poison: {describe(exc) if isinstance(exc, AzureError) else exc}", file=sys.stderr)
-        return 1
+        return report_failure("poison", exc)
 
 
 def _run(args: argparse.Namespace, settings: QueueSettings) -> int:

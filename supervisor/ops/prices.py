@@ -4,14 +4,18 @@ The API needs no authentication. Its `$filter` narrows the answer, but every row
 is checked again here (the filter is a hint to the server, not a promise): only
 Linux rows of type Consumption for this SKU and region, priced per hour in USD;
 Windows, "Low Priority", DevTest and Reservation rows never count. Results come
-in pages (`NextPageLink`); 429 and 5xx answers are retried with backoff,
-honouring Retry-After. An answer is cached for a day under the state directory.
+in pages (`NextPageLink`, followed only on the endpoint's own scheme and host);
+429 and 5xx answers are retried with backoff, honouring Retry-After. An answer is
+bounded in size and in time, prices must be finite and not negative, and error
+lines never quote what a server sent. An answer is cached for a day under the
+state directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +25,8 @@ from typing import Any
 
 import httpx
 
-from supervisor.retry_after import parse_retry_after
+from supervisor.retry_after import honour_retry_after, parse_retry_after
+from worker.common import jsonsafe
 from worker.common.backoff import Backoff
 from worker.common.text import one_line
 
@@ -34,6 +39,8 @@ MAX_PAGES = 50  # the answer for one SKU in one region is a page or two; a loop 
 MAX_ATTEMPTS = 5  # per page
 MAX_RETRY_WAIT_S = 30.0  # a longer Retry-After is cut to this: a CLI user is waiting
 REQUEST_TIMEOUT_S = 10.0
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # one page of one size in one region is some 10 KB
+DEADLINE_S = 120.0  # every page, retry and wait together: an answer that trickles in byte by byte ends here
 
 
 class PricesError(Exception):
@@ -88,7 +95,12 @@ def is_linux_consumption_row(item: dict[str, Any], sku: str, region: str) -> boo
             and item.get("currencyCode", "USD") == "USD"
             and item.get("unitOfMeasure") == "1 Hour"
             and "Windows" not in text and "Low Priority" not in text
-            and isinstance(item.get("retailPrice"), (int, float)) and not isinstance(item.get("retailPrice"), bool))
+            and is_price(item.get("retailPrice")))
+
+
+def is_price(value: Any) -> bool:
+    """A price in dollars: a finite, non-negative number (not a string, a boolean, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def quote_from_items(items: Iterable[dict[str, Any]], sku: str, region: str) -> PriceQuote:
@@ -116,9 +128,12 @@ def quote_from_items(items: Iterable[dict[str, Any]], sku: str, region: str) -> 
 
 
 def fetch_quote(endpoint: str, sku: str, region: str, *, timeout_s: float = REQUEST_TIMEOUT_S,
-                backoff: Backoff | None = None, sleep: Callable[[float], None] = time.sleep) -> PriceQuote:
-    """Ask the Retail Prices API, following every NextPageLink. Raises PricesError."""
+                backoff: Backoff | None = None, sleep: Callable[[float], None] = time.sleep,
+                deadline_s: float = DEADLINE_S) -> PriceQuote:
+    """Ask the Retail Prices API, following every NextPageLink on the endpoint's scheme and host.
+    Raises PricesError."""
     backoff = backoff or Backoff(0.5, MAX_RETRY_WAIT_S)
+    deadline = time.monotonic() + deadline_s
     items: list[dict[str, Any]] = []
     url: str | None = endpoint
     params: dict[str, str] | None = {"api-version": API_VERSION, "$filter": price_filter(sku, region)}
@@ -128,46 +143,84 @@ def fetch_quote(endpoint: str, sku: str, region: str, *, timeout_s: float = REQU
             pages += 1
             if pages > MAX_PAGES:
                 raise PricesError(f"{endpoint}: more than {MAX_PAGES} pages for one size in one region")
-            page = _get_page(client, url, params, backoff, sleep)
+            page = _get_page(client, url, params, backoff, sleep, deadline)
             page_items = page.get("Items")
             if not isinstance(page_items, list):
                 raise PricesError(f"{endpoint}: the answer has no Items list")
             items.extend(item for item in page_items if isinstance(item, dict))
             link = page.get("NextPageLink")
-            url, params = (link, None) if isinstance(link, str) and link else (None, None)
+            url, params = (_same_origin(endpoint, link), None) if isinstance(link, str) and link else (None, None)
     return quote_from_items(items, sku, region)
 
 
+def _same_origin(endpoint: str, link: str) -> str:
+    """`link` when it has the endpoint's scheme, host and port; else PricesError. A link elsewhere (an
+    answer from a spoofed or hostile server) must not make this VM ask anyone else anything."""
+    try:
+        ours, theirs = httpx.URL(endpoint), httpx.URL(link)
+        same = (theirs.scheme, theirs.host, theirs.port) == (ours.scheme, ours.host, ours.port)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        same = False
+    if not same:
+        raise PricesError(f"{_where(endpoint)}: the answer's NextPageLink leaves {_origin(endpoint)}; not followed")
+    return link
+
+
+def _origin(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+        return f"{parsed.scheme}://{parsed.netloc.decode('ascii', 'replace')}"
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return "the endpoint"
+
+
 def _get_page(client: httpx.Client, url: str, params: dict[str, str] | None, backoff: Backoff,
-              sleep: Callable[[float], None]) -> dict[str, Any]:
+              sleep: Callable[[float], None], deadline: float) -> dict[str, Any]:
     backoff.reset()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         retry_after: float | None = None
         try:
-            response = client.get(url, params=params)
+            status, headers, body = _read_answer(client, url, params, deadline)
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {one_line(exc) or 'no detail'}"
         else:
-            if response.status_code == 200:
+            if status == 200:
                 try:
-                    data = response.json()
-                except ValueError:
-                    raise PricesError(f"{_where(url)}: the answer is not JSON") from None
+                    data = jsonsafe.loads(body, max_bytes=MAX_ANSWER_BYTES)
+                except jsonsafe.JsonError as exc:
+                    raise PricesError(f"{_where(url)}: the answer is not JSON ({exc})") from None
                 if not isinstance(data, dict):
                     raise PricesError(f"{_where(url)}: the answer is not a JSON object")
                 return data
-            problem = f"HTTP {response.status_code}"
-            if response.status_code != 429 and response.status_code < 500:
-                raise PricesError(f"{_where(url)}: {problem}: {one_line(response.text)[:200]}")
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            problem = f"HTTP {status}"
+            if status != 429 and status < 500:  # the body is the server's text: never printed
+                raise PricesError(f"{_where(url)}: {problem}")
+            retry_after = parse_retry_after(headers.get("Retry-After"))
         if attempt == MAX_ATTEMPTS:
             raise PricesError(f"{_where(url)} unreachable after {MAX_ATTEMPTS} attempts: {problem}")
-        delay = backoff.next_delay()
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, MAX_RETRY_WAIT_S))
+        delay = honour_retry_after(backoff.next_delay(), retry_after, MAX_RETRY_WAIT_S)
+        if time.monotonic() + delay >= deadline:
+            raise PricesError(f"{_where(url)}: no answer within {DEADLINE_S:g}s: {problem}")
         log.debug("prices: %s (attempt %d), retrying in %.1fs", problem, attempt, delay)
         sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _read_answer(client: httpx.Client, url: str, params: dict[str, str] | None,
+                 deadline: float) -> tuple[int, httpx.Headers, bytes]:
+    """(status, headers, body) of one GET, the body read only up to MAX_ANSWER_BYTES and only until the
+    deadline; PricesError past either."""
+    with client.stream("GET", url, params=params) as response:
+        if response.status_code != 200:  # the body is never read, let alone shown
+            return response.status_code, response.headers, b""
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise PricesError(f"{_where(url)}: the answer is over {MAX_ANSWER_BYTES} bytes; not read further")
+            if time.monotonic() > deadline:
+                raise PricesError(f"{_where(url)}: no complete answer within {DEADLINE_S:g}s")
+        return response.status_code, response.headers, bytes(body)
 
 
 def _where(url: str) -> str:
@@ -194,14 +247,17 @@ def _cache_path(directory: Path, sku: str, region: str) -> Path:
 def read_cached(directory: Path, endpoint: str, sku: str, region: str, now: float | None = None) -> PriceQuote | None:
     """The cached quote if it is less than a day old and came from the same endpoint; else None."""
     try:
-        data = json.loads(_cache_path(directory, sku, region).read_text())
+        data = jsonsafe.loads(_cache_path(directory, sku, region).read_bytes(), max_depth=4)
         age = (time.time() if now is None else now) - float(data["fetched_at"])
         if data["endpoint"] != endpoint or not 0 <= age < CACHE_TTL_S:
             return None
         q = data["quote"]
-        return PriceQuote(sku, region, float(q["spot_usd_per_hour"]), float(q["on_demand_usd_per_hour"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        spot, on_demand = q["spot_usd_per_hour"], q["on_demand_usd_per_hour"]
+    except (OSError, ValueError, KeyError, TypeError):  # jsonsafe.JsonError is a ValueError
         return None
+    if not (is_price(spot) and is_price(on_demand)):
+        return None
+    return PriceQuote(sku, region, float(spot), float(on_demand))
 
 
 def write_cache(directory: Path, endpoint: str, quote: PriceQuote, now: float | None = None) -> None:

@@ -21,6 +21,7 @@ Control endpoints (JSON in and out, no Metadata header needed):
                                     "duration_s", "description", "complete_after_s"}
   DELETE /simulate/event/<EventId>
   POST   /simulate/document        a whole Scheduled Events document, served verbatim
+  POST   /simulate/verbatim-event  any text, served as one more item of Events exactly as sent
   POST   /simulate/faults          {"mode": "500"|"410"|"429"|"slow"|"garbage"|"reset",
                                     "count", "delay_s", "retry_after_s"}
   POST   /simulate/reset

@@ -164,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
             fault = state.take_fault()
             if fault is not None and self._fault(fault):
                 return None
-            return self._json(200, state.events_document())
+            return self._send(200, state.events_document_text())
         if method == "POST":
             return self._ack(body)
         return self._json(405, {"error": "method not allowed"})
@@ -226,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, state.request_counts())
         if method == "GET" and path in ("/simulate/document", "/simulate/state"):
             return self._json(200, state.events_document())
+        if route == ("POST", "/simulate/verbatim-event"):
+            return self._json(200, state.add_verbatim_event(body.decode("utf-8", "surrogateescape")))
         data = self._json_body(body)
         result: dict[str, Any] | None
         if path != "/simulate/document" and not isinstance(data, dict):
@@ -276,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"body is not valid JSON: {exc}") from None
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), headers)
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))

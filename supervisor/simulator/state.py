@@ -7,6 +7,7 @@ usable in-process as well as over HTTP.
 from __future__ import annotations
 
 import email.utils
+import json
 import threading
 import time
 import uuid
@@ -77,6 +78,7 @@ class _Document:
     incarnation: int = 1
     events: list[SimulatedEvent] = field(default_factory=list)
     opaque: Any = None  # a /simulate/document that is not a well-formed document
+    verbatim_events: list[str] = field(default_factory=list)  # /simulate/verbatim-event: spliced in as given
     snapshot: list[dict[str, Any]] = field(default_factory=list)
     acks: list[dict[str, Any]] = field(default_factory=list)
     fault: Fault = field(default_factory=Fault)
@@ -177,6 +179,25 @@ class ImdsState:
                     self._commit()
                     return {"EventId": event_id, "DocumentIncarnation": self._doc.incarnation}
         return None
+
+    def events_document_text(self) -> bytes:
+        """The Scheduled Events document as served: events_document() with any verbatim events spliced
+        into Events as their exact text (hostile ones no JSON library would write or read back)."""
+        document = self.events_document()
+        with self._lock:
+            verbatim = list(self._doc.verbatim_events)
+        if not verbatim or not isinstance(document, dict) or not isinstance(document.get("Events"), list):
+            return json.dumps(document).encode()
+        events = [json.dumps(e) for e in document["Events"]] + verbatim
+        head = json.dumps({k: v for k, v in document.items() if k != "Events"})[:-1]
+        return f'{head}{", " if len(head) > 1 else ""}"Events": [{", ".join(events)}]}}'.encode()
+
+    def add_verbatim_event(self, text: str) -> dict[str, Any]:
+        """Serve `text` as one more item of Events, exactly as given (never parsed here)."""
+        with self._lock:
+            self._doc.verbatim_events.append(text)
+            self._doc.incarnation += 1
+            return {"DocumentIncarnation": self._doc.incarnation, "verbatim_events": len(self._doc.verbatim_events)}
 
     def set_document(self, document: Any) -> dict[str, Any]:
         """Serve `document` as given; a well-formed one still reacts to acks and cancels."""

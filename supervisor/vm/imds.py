@@ -7,7 +7,6 @@ connection, HTTP status, unexpected payload).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -15,12 +14,14 @@ from typing import Any, TypeGuard
 import httpx
 
 from supervisor.retry_after import parse_retry_after
+from worker.common import jsonsafe
 from worker.common.text import one_line
 
 log = logging.getLogger(__name__)
 
 INSTANCE_API_VERSION = "2021-02-01"
 METADATA_HEADERS = {"Metadata": "true"}
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a real one is a few KB
 
 
 class ImdsError(Exception):
@@ -93,7 +94,21 @@ def parse_instance(raw: bytes | str) -> InstanceInfo:
 def send(client: httpx.Client, method: str, url: str, *, headers: dict[str, str] | None = None,
          **kwargs: Any) -> httpx.Response:
     try:
-        return client.request(method, url, headers={**METADATA_HEADERS, **(headers or {})}, **kwargs)
+        request = client.build_request(method, url, headers={**METADATA_HEADERS, **(headers or {})}, **kwargs)
+        response = client.send(request, stream=True)
+        try:  # read up to the cap only: a runaway answer costs this much memory, no more
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise ImdsError(f"IMDS {method} {url}: answer over {MAX_DOCUMENT_BYTES} bytes; not read further",
+                                    status=response.status_code)
+        finally:
+            response.close()
+        # The body is decoded already: headers that would make httpx decode or frame it again are left out.
+        kept = [(k, v) for k, v in response.headers.items()
+                if k.lower() not in ("content-encoding", "transfer-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=kept, content=bytes(body), request=request)
     except httpx.TimeoutException as exc:
         raise ImdsError(f"IMDS {method} {url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
@@ -111,9 +126,9 @@ def status_error(method: str, url: str, response: httpx.Response) -> ImdsError:
 
 def load_json(raw: bytes | str, what: str) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImdsError(f"{what}: not valid JSON ({one_line(str(exc))})") from None
+        return jsonsafe.loads(raw, max_bytes=MAX_DOCUMENT_BYTES)
+    except jsonsafe.JsonError as exc:
+        raise ImdsError(f"{what}: not valid JSON ({exc})") from None
 
 
 def is_json_int(value: Any) -> TypeGuard[int]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from supervisor.retry_after import parse_retry_after
+from supervisor.retry_after import honour_retry_after, parse_retry_after
 from worker.common.backoff import Backoff
 from worker.common.text import one_line
 
@@ -140,10 +140,7 @@ def wait_for_provisioning(
                 remaining = deadline - clock()
                 if remaining <= 0:
                     raise ProvisioningTimeout(resource_id, timeout_s, last_state, last_error)
-                delay = backoff.next_delay()
-                if retry_after_s is not None:
-                    delay = max(delay, retry_after_s)
-                sleep(min(delay, remaining))
+                sleep(min(honour_retry_after(backoff.next_delay(), retry_after_s), remaining))
     finally:
         if own_credential:
             close = getattr(credential, "close", None)

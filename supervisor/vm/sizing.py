@@ -294,7 +294,8 @@ def compute_plan(scaling: ScalingSettings, mode: str, resources: Resources, vm_s
 
     if scaling.workers > 0:
         workers = scaling.workers
-        reasons.append(f"explicit workers = {workers} (wins over workers_per_core, workers_per_gpu, min/max and memory sizing)")
+        reasons.append(f"explicit workers = {workers} (wins over workers_per_core, workers_per_gpu, min_workers and memory "
+                       "sizing; settings keep it within max_workers)")
         mem_cap = _memory_cap(scaling, resources)
         if mem_cap is not None and workers > mem_cap:
             reasons.append(f"warning: memory would allow only {mem_cap} ({resources.available_memory_mb} MB / "
@@ -356,15 +357,10 @@ def _apply_sku_overrides(scaling: ScalingSettings, vm_size: str | None, reasons:
         overrides = next((v for k, v in scaling.sku.items() if k.lower() == vm_size.lower()), None)
     if not overrides:
         return scaling
-    allowed = {f.name for f in dataclasses.fields(ScalingSettings)} - {"sku"}
-    applied = {k: v for k, v in overrides.items() if k in allowed}
-    ignored = sorted(set(overrides) - allowed)
-    if applied:
-        scaling = dataclasses.replace(scaling, **applied)
-        described = ", ".join(f"{k}={v}" for k, v in applied.items())
-        reasons.append(f"per-SKU override for {vm_size}: {described}")
-    if ignored:
-        reasons.append(f"per-SKU override for {vm_size}: unknown keys ignored: {', '.join(ignored)}")
+    # Validated with the settings (SKU_OVERRIDE_KEYS): every key here is a [scaling] key.
+    scaling = dataclasses.replace(scaling, **overrides)
+    described = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    reasons.append(f"per-SKU override for {vm_size}: {described}")
     return scaling
 
 

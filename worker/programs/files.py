@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from worker.common import jsonsafe
 from worker.context import Context
-from worker.message import MAX_MESSAGE_BYTES, CheckpointTooLarge
+from worker.message import MAX_MESSAGE_BYTES, MAX_STATE_DEPTH, CheckpointTooLarge
 from worker.queue.client import describe
 
 MAX_LINE_BYTES = 4096  # longer lines are cut; memory per stream stays below this
@@ -120,8 +121,8 @@ class CheckpointFile:
         if data == self._stored:
             return
         try:
-            state: Any = json.loads(data)
-        except ValueError as exc:
+            state: Any = jsonsafe.loads(data, max_bytes=2 * MAX_MESSAGE_BYTES, max_depth=MAX_STATE_DEPTH, allow_nan=True)
+        except jsonsafe.JsonError as exc:
             log.warning("message %s: checkpoint file is not valid JSON (%s); not stored", message_id, exc)
             return
         try:
