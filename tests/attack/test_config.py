@@ -88,6 +88,8 @@ CASES = [
     Bad("events.safety_margin_s", "-1"),
     Bad("events.started_deadline_s", "0"),
     Bad("events.ack", '"sometimes"'),
+    Bad("events.on_rebalance", '"sometimes"'),
+    Bad("events.dmi_dir", '""'),
     Bad("events.vm_name", '"   "'),  # matches no event, ever: evictions silently ignored
     Bad("events.vm_name", env=" vm-spot-07"),
     # [shutdown]
