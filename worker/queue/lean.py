@@ -21,6 +21,7 @@ from azure.storage.queue import QueueClient, QueueMessage
 from worker.queue.transport import BearerToken, NoSigner, QueueHttp, SharedKey, Signer
 
 MAX_BATCH = 32  # the service's most per Get Messages
+_TAGS_PER_MESSAGE = 2 + 2 * 8  # <QueueMessage> and its 8 fields, opened and closed (their text is escaped)
 _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
 
@@ -40,7 +41,7 @@ class LeanQueueClient:
         query = [("numofmessages", str(n))]
         if visibility_timeout is not None:
             query.append(("visibilitytimeout", str(visibility_timeout)))
-        return Received(lambda: parse_messages(self.http.request("GET", "/messages", query, **_request(request)).body))
+        return Received(lambda: parse_messages(self.http.request("GET", "/messages", query, **_request(request)).body, n))
 
     def delete_message(self, message: str | QueueMessage, pop_receipt: str | None = None, **request: Any) -> None:
         message_id, receipt = _id_and_receipt(message, pop_receipt)
@@ -100,21 +101,26 @@ def signer_for(sdk: QueueClient) -> Signer:
     raise TypeError(f"the lean queue path cannot sign with a {type(credential).__name__}")
 
 
-def parse_messages(body: bytes) -> list[QueueMessage]:
-    """The QueueMessage elements of a Get or Put Messages answer; a DecodeError for anything else."""
+def parse_messages(body: bytes, at_most: int = MAX_BATCH) -> list[QueueMessage]:
+    """The QueueMessage elements of a Get or Put Messages answer (no more than asked for); a DecodeError for anything else."""
     if b"<!" in body:  # DOCTYPE or ENTITY (no entity expansion, ever) or CDATA: not the service's
         raise DecodeError("unexpected markup in a queue answer")
+    if body.count(b"<") > 3 + _TAGS_PER_MESSAGE * at_most:  # deep or wide junk: refused before parsing it
+        raise DecodeError("more elements in a queue answer than the messages asked for can have")
     try:
         root = ET.fromstring(body)
         if root.tag != "QueueMessagesList":
             raise ValueError(f"root element {root.tag[:40]!r}")
-        return [_message(element) for element in root.iterfind("QueueMessage")]
+        messages = [_message(element) for element in root.iterfind("QueueMessage")]
+        if len(messages) > at_most:
+            raise ValueError(f"{len(messages)} messages where at most {at_most} were asked for")
+        return messages
     except (ET.ParseError, ValueError, KeyError, TypeError, IndexError, OverflowError, RecursionError) as exc:
         raise DecodeError(f"a queue answer that could not be read: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def _message(element: ET.Element) -> QueueMessage:
-    fields = {child.tag: child.text or "" for child in element}
+    fields = {child.tag: child.text or "" for child in element if not len(child) or _nested(child)}
     message_id, receipt = fields["MessageId"], fields["PopReceipt"]
     if not message_id or not receipt:
         raise ValueError("a message without an id or pop receipt")
@@ -126,6 +132,10 @@ def _message(element: ET.Element) -> QueueMessage:
         expires_on=_http_date(fields["ExpirationTime"]) if "ExpirationTime" in fields else None,
         next_visible_on=_http_date(fields["TimeNextVisible"]) if "TimeNextVisible" in fields else None,
     )
+
+
+def _nested(element: ET.Element) -> bool:
+    raise ValueError(f"markup inside <{element.tag[:40]}>")
 
 
 def _http_date(text: str) -> datetime:
