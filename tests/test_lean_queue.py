@@ -1,6 +1,6 @@
 """The lean per-message queue path (worker.queue.lean over worker.queue.transport) against the real Azurite:
-each credential kind, the error meanings the worker acts on (403 backoff, 503 retried, lost lease), and the
-request it sends being the one the SDK would (so Azurite's Shared Key check agrees).
+each credential kind (Shared Key, SAS, a managed-identity token), the error meanings the worker acts on
+(403 backoff, 503 retried, lost lease), and requests signed as the SDK signs them (Azurite checks).
 The proxy from the environment: tests/test_queue_client.py (both clients); hostile answers: tests/attack/."""
 
 from __future__ import annotations
@@ -10,18 +10,22 @@ import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+from azure.identity import ManagedIdentityCredential
 from azure.storage.queue import QueueClient, QueueSasPermissions, generate_queue_sas
 
 from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
 from testsupport.harness import worker_settings
+from testsupport.oauth import IDENTITY_HEADER, TokenEndpoint, running_oauth_azurite
 from testsupport.proxy import FaultProxy
 from worker.message import Codec, Envelope
 from worker.queue.client import is_auth_error, is_lease_lost, message_client
 from worker.queue.lean import LeanQueueClient
 from worker.queue.lease import Lease, LeaseState
+from worker.queue.transport import BearerToken, QueueHttp
 from worker.settings import QueueSettings
 
 
@@ -138,3 +142,37 @@ def test_a_deleted_message_is_a_lost_lease_too(settings: QueueSettings) -> None:
     with pytest.raises(Exception) as gone:
         client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
     assert is_lease_lost(gone.value) and getattr(gone.value, "status_code", None) == 404
+
+
+def test_a_managed_identity_token_from_the_token_endpoint_refreshed_before_expiry(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ManagedIdentityCredential (what [queue] account_url uses) against a token endpoint, on Azurite over HTTPS
+    with --oauth basic, trusted through REQUESTS_CA_BUNDLE. Tokens live 301 s: inside the 5-minute refresh margin
+    from the start, so each call after a second asks for a new one."""
+    for name in ("MSI_ENDPOINT", "MSI_SECRET", "IMDS_ENDPOINT", "IDENTITY_SERVER_THUMBPRINT", "AZURE_CLIENT_ID",
+                 "AZURE_POD_IDENTITY_AUTHORITY_HOST", "AZURE_FEDERATED_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    with TokenEndpoint(lifetime_s=301) as endpoint, running_oauth_azurite(tmp_path) as azurite:
+        monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.url)
+        monkeypatch.setenv("IDENTITY_HEADER", IDENTITY_HEADER)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(azurite.ca_bundle))
+        client = lean(QueueSettings(account_url=azurite.account_url, name="tokenqueue"))
+        assert isinstance(client.http.signer, BearerToken)
+        client.create_queue()  # the SDK's call, the same credential
+        round_trip(client)
+        issued = endpoint.issued
+        time.sleep(1.5)
+        client.send_message("after a refresh")
+        assert endpoint.issued > issued
+
+
+def test_a_token_never_travels_over_plain_http(azurite: Azurite, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK refuses the pair at construction; the lean transport refuses it too, before asking for a token."""
+    with TokenEndpoint() as endpoint:
+        monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.url)
+        monkeypatch.setenv("IDENTITY_HEADER", IDENTITY_HEADER)
+        credential = ManagedIdentityCredential()
+        transport = QueueHttp(f"http://127.0.0.1:{azurite.port}/{ACCOUNT}/{queue_name}", BearerToken(credential), "2021-02-12", 2, 2)
+        with pytest.raises(ServiceRequestError, match="non-TLS"):
+            transport.request("GET", "/messages")
+        assert endpoint.issued == 0
