@@ -141,7 +141,9 @@ def profile_summary(directory: Path, top: int = 15) -> dict[str, Any]:
 
 
 AREAS = (("azure/core", "azure-core pipeline"), ("azure/storage", "azure-storage-queue (models, XML)"),
-         ("requests/", "requests"), ("urllib3/", "urllib3"), ("http/client", "http.client"), ("opentelemetry", "opentelemetry"),
+         ("requests/", "requests"), ("urllib3/", "urllib3"), ("http/client", "http.client"),
+         ("email/", "http.client: header parsing (email)"), ("opentelemetry", "opentelemetry"),
+         ("hmac", "signing (hmac)"), ("base64", "signing (base64)"), ("_strptime", "date parsing"), ("json/", "json"),
          ("worker/queue/transport", "ours: lean transport"), ("worker/queue/lean", "ours: lean client"), ("worker/queue", "ours: queue"),
          ("worker/telemetry", "ours: telemetry"), ("worker/", "ours: other"), ("supervisor/", "ours: supervisor"),
          ("bench/", "bench handler"), ("xml/", "xml (stdlib)"), ("threading", "threading"), ("logging", "logging"),
@@ -153,7 +155,9 @@ def area(filename: str, name: str) -> str:
         if marker in filename:
             return label
     if filename == "~":  # C functions: socket send/recv, lock waits, hmac...
-        if "lock" in name or "wait" in name:
+        if "hmac" in name or "openssl" in name or "digest" in name:
+            return "signing (hmac)"
+        if "lock" in name or "wait" in name or "SimpleQueue" in name:
             return "lock waits (C)"
         if "socket" in name or "recv" in name or "send" in name or "select" in name or "poll" in name:
             return "sockets (C)"
