@@ -15,7 +15,6 @@ from azure.core.exceptions import (
 )
 from azure.storage.queue import ExponentialRetry, QueueClient
 
-from worker.queue.lean import LeanQueueClient
 from worker.settings import QueueSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,8 @@ def message_client(settings: QueueSettings, name: str | None = None) -> QueueCli
     """The client for the per-message calls (receive, delete, update, send): the lean path over http.client, with
     the SDK client of make_queue_client for the rest. Same credentials, proxy, CA bundle and timeouts. Typed as
     the QueueClient it stands in for (worker.queue.lean says which calls it answers itself)."""
+    from worker.queue.lean import LeanQueueClient  # here: the supervisor, which imports this module, never needs it
+
     sdk = make_queue_client(settings, name)
     lean = LeanQueueClient(sdk, min(10.0, settings.request_timeout_s), settings.request_timeout_s,
                            environ_proxy(sdk.url), environ_ca_bundle())
