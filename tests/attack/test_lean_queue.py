@@ -123,3 +123,14 @@ def test_an_id_with_path_characters_stays_in_its_path_segment(hostile: HostileQu
     client_of(hostile).delete_message("../../other-queue/messages/x?popreceipt=y", "r")
     assert hostile.requests == 1
     assert "%2F" in hostile.last_target and "/other-queue/" not in hostile.last_target
+
+
+def test_a_chunked_answer_after_a_100_continue_is_read(hostile: HostileQueue) -> None:
+    """Header parsing is the lean path's own (transport.LeanResponse): chunked bodies and 1xx answers still work."""
+    body = messages_xml(message_xml(text="chunked"))
+    hostile.answer = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-ENCODING: chunked\r\n\r\n"
+                      + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    client = client_of(hostile)
+    [message] = receive(client)
+    assert message.content == "chunked"  # type: ignore[attr-defined]
+    assert receive(client)[0].content == "chunked"  # type: ignore[attr-defined]  # and the connection is reusable
