@@ -134,3 +134,9 @@ def test_a_chunked_answer_after_a_100_continue_is_read(hostile: HostileQueue) ->
     [message] = receive(client)
     assert message.content == "chunked"  # type: ignore[attr-defined]
     assert receive(client)[0].content == "chunked"  # type: ignore[attr-defined]  # and the connection is reusable
+
+
+def test_a_put_answer_with_several_messages_is_refused(hostile: HostileQueue) -> None:
+    hostile.answer = http_answer(201, messages_xml(message_xml(message_id="a"), message_xml(message_id="b")))
+    with pytest.raises(DecodeError):
+        client_of(hostile).send_message("one", retry_total=0)

@@ -32,6 +32,8 @@ class LeanQueueClient:
         self.http = QueueHttp(sdk.url, signer_for(sdk), sdk.api_version, connect_timeout_s, read_timeout_s, proxy, ca_bundle)
 
     def __getattr__(self, name: str) -> Any:  # everything not per-message: the SDK's
+        if name.startswith("__") or name == "_sdk":  # copy/pickle probing a half-made instance: not the SDK's
+            raise AttributeError(name)
         return getattr(self._sdk, name)
 
     def receive_messages(self, *, messages_per_page: int | None = None, max_messages: int | None = None,
@@ -66,7 +68,7 @@ class LeanQueueClient:
         if time_to_live is not None:
             query.append(("messagettl", str(time_to_live)))
         answer = self.http.request("POST", "/messages", query, _message_xml(content), **_request(request))
-        [sent] = parse_messages(answer.body) or [QueueMessage()]
+        [sent] = parse_messages(answer.body, at_most=1) or [QueueMessage()]
         sent.content = content
         return sent
 
