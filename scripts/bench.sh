@@ -12,9 +12,9 @@ mkdir -p bench/results
 
 if [ "${1:-}" = "--quick" ]; then
   throughput=(--scale 0.3 --repeat 1); latency=(--scale 0.5); scaling=(--messages 200 --repeat 1)
-  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10); program=(--repeat 1)
+  eviction=(--rounds 5); chaos=(--messages 300 --cycles 10); program=(--repeat 1); cpu=(--repeat 1)
 else
-  throughput=(); latency=(); scaling=(); eviction=(); chaos=(); program=()
+  throughput=(); latency=(); scaling=(); eviction=(); chaos=(); program=(); cpu=(--profile)
 fi
 
 run() {  # run <name> <module> [args...]: print and keep the output; a failing benchmark fails the whole run
@@ -26,6 +26,7 @@ run() {  # run <name> <module> [args...]: print and keep the output; a failing b
 run azurite_depth azurite_depth
 run throughput throughput "${throughput[@]}"
 run latency latency "${latency[@]}"
+run cpu cpu "${cpu[@]}"
 run scaling scaling "${scaling[@]}"
 run eviction_timing eviction_timing "${eviction[@]}"
 run chaos chaos "${chaos[@]}"

@@ -1,12 +1,13 @@
 """Queue clients read the proxy settings of the environment once, at creation, and still honour them:
 HTTP_PROXY routes every request through the proxy, NO_PROXY exempts the queue's host. A real forwarding
-HTTP proxy (in this test) in front of the real Azurite."""
+HTTP proxy (in this test) in front of the real Azurite. Both clients: the SDK's (make_queue_client) and the
+lean per-message one (message_client)."""
 
 from __future__ import annotations
 
 import http.client
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -15,7 +16,8 @@ from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
 from testsupport.harness import worker_settings
-from worker.queue.client import make_queue_client
+from worker.queue.client import make_queue_client, message_client
+from worker.settings import QueueSettings
 
 
 class ForwardingProxy(ThreadingHTTPServer):
@@ -73,6 +75,11 @@ def round_trip(client: QueueClient) -> None:
     client.delete_message(received)
 
 
+@pytest.fixture(params=[make_queue_client, message_client], ids=["sdk", "lean"])
+def factory(request: pytest.FixtureRequest) -> Callable[[QueueSettings], QueueClient]:
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture(autouse=True)
 def no_inherited_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
@@ -80,25 +87,28 @@ def no_inherited_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_http_proxy_carries_every_request(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                          forwarding_proxy: ForwardingProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+                                          forwarding_proxy: ForwardingProxy, monkeypatch: pytest.MonkeyPatch,
+                                          factory: Callable[[QueueSettings], QueueClient]) -> None:
     monkeypatch.setenv("HTTP_PROXY", forwarding_proxy.url)
-    round_trip(make_queue_client(worker_settings(azurite, queue_name).queue))
+    round_trip(factory(worker_settings(azurite, queue_name).queue))
     assert [line.split(" ", 1)[0] for line in forwarding_proxy.seen] == ["POST", "GET", "DELETE"]
     assert all(f"//127.0.0.1:{azurite.port}/" in line for line in forwarding_proxy.seen)
 
 
 def test_no_proxy_exempts_the_queue_host(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                        forwarding_proxy: ForwardingProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+                                        forwarding_proxy: ForwardingProxy, monkeypatch: pytest.MonkeyPatch,
+                                        factory: Callable[[QueueSettings], QueueClient]) -> None:
     monkeypatch.setenv("HTTP_PROXY", forwarding_proxy.url)
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
-    round_trip(make_queue_client(worker_settings(azurite, queue_name).queue))
+    round_trip(factory(worker_settings(azurite, queue_name).queue))
     assert forwarding_proxy.seen == []
 
 
 def test_the_environment_is_read_once_not_per_request(azurite: Azurite, queue: QueueClient, queue_name: str,
                                                      forwarding_proxy: ForwardingProxy,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    client = make_queue_client(worker_settings(azurite, queue_name).queue)
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     factory: Callable[[QueueSettings], QueueClient]) -> None:
+    client = factory(worker_settings(azurite, queue_name).queue)
     monkeypatch.setenv("HTTP_PROXY", forwarding_proxy.url)  # after creation: this client no longer looks
     round_trip(client)
     assert forwarding_proxy.seen == []

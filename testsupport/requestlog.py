@@ -1,4 +1,4 @@
-"""Count what azure-core puts on the wire, in this process."""
+"""Count what the queue clients put on the wire, in this process: azure-core's and the lean path's."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 
 class RequestLog:
-    """Every HTTP request azure-core sends in this process (retries included), with its time.
+    """Every HTTP request the queue clients send in this process (retries included), with its time.
 
-    Wraps RequestsTransport.send, the transport every QueueClient here uses, so
-    what is counted is what went on the wire.
+    Wraps RequestsTransport.send, the transport every SDK QueueClient here uses, and QueueHttp._send, the
+    lean per-message path's (worker.queue.transport), so what is counted is what went on the wire.
     """
 
     def __init__(self) -> None:
@@ -35,7 +35,10 @@ class RequestLog:
     def installed(self) -> Iterator[RequestLog]:
         from azure.core.pipeline.transport import RequestsTransport
 
+        from worker.queue.transport import QueueHttp
+
         original = RequestsTransport.send
+        original_lean = QueueHttp._send
         log = self
 
         def send(transport: RequestsTransport, request: Any, **kwargs: Any) -> Any:
@@ -43,8 +46,16 @@ class RequestLog:
                 log.requests.append((time.monotonic(), request.method, request.url))
             return original(transport, request, **kwargs)
 
+        def send_lean(http: QueueHttp, method: str, path: str, target: str, *args: Any, **kwargs: Any) -> Any:
+            url = target if target.startswith("http") else f"{'https' if http.https else 'http'}://{http.netloc}{target}"
+            with log._lock:
+                log.requests.append((time.monotonic(), method, url))
+            return original_lean(http, method, path, target, *args, **kwargs)
+
         RequestsTransport.send = send
+        QueueHttp._send = send_lean  # type: ignore[method-assign,assignment]
         try:
             yield self
         finally:
             RequestsTransport.send = original
+            QueueHttp._send = original_lean  # type: ignore[method-assign]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit
 
 import requests
 from azure.core.exceptions import (
@@ -41,6 +42,28 @@ def make_queue_client(settings: QueueSettings, name: str | None = None) -> Queue
     return QueueClient(settings.account_url, queue_name, credential=credential, **kwargs, **environment_once(settings.account_url))
 
 
+def message_client(settings: QueueSettings, name: str | None = None) -> QueueClient:
+    """The client for the per-message calls (receive, delete, update, send): the lean path over http.client, with
+    the SDK client of make_queue_client for the rest. Same credentials, proxy, CA bundle and timeouts. Typed as
+    the QueueClient it stands in for (worker.queue.lean says which calls it answers itself)."""
+    from worker.queue.lean import LeanQueueClient  # here: the supervisor, which imports this module, never needs it
+
+    sdk = make_queue_client(settings, name)
+    lean = LeanQueueClient(sdk, min(10.0, settings.request_timeout_s), settings.request_timeout_s,
+                           environ_proxy(sdk.url), environ_ca_bundle())
+    return cast(QueueClient, lean)
+
+
+def environ_proxy(url: str) -> str | None:
+    """The proxy for this URL from HTTP(S)_PROXY/ALL_PROXY, unless NO_PROXY exempts its host."""
+    proxies = requests.utils.get_environ_proxies(url)
+    return proxies.get(urlsplit(url).scheme) or proxies.get("all")
+
+
+def environ_ca_bundle() -> str | None:
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
 def environment_once(url: str) -> dict[str, Any]:
     """What requests would otherwise look up in the environment on every call (its trust_env), read once for
     this queue's URL: the proxy from HTTP(S)_PROXY unless NO_PROXY exempts the host, and a CA bundle from
@@ -49,7 +72,7 @@ def environment_once(url: str) -> dict[str, Any]:
     options: dict[str, Any] = {"use_env_settings": False}
     if proxies := requests.utils.get_environ_proxies(url):
         options["proxies"] = proxies
-    if bundle := os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"):
+    if bundle := environ_ca_bundle():
         options["connection_verify"] = bundle
     return options
 

@@ -26,7 +26,7 @@ from worker.common.backoff import Backoff, interruption_delay_s, retry_delay_s
 from worker.context import Context, StopSignal
 from worker.message import Codec, Envelope, Interrupted, Message, UndecodableMessage
 from worker.programs.runner import ProgramFailed
-from worker.queue.client import describe, ensure_queue, is_auth_error, make_queue_client
+from worker.queue.client import describe, ensure_queue, is_auth_error, message_client
 from worker.queue.lease import Lease, LeaseTable
 from worker.queue.lease_slots import LeaseSlots
 from worker.queue.poisoned import poisoned_text
@@ -76,7 +76,7 @@ class Shared:
     def poison_client(self) -> QueueClient:
         with self._poison_lock:
             if self._poison is None:
-                client = make_queue_client(self.settings, self.settings.poison_name)
+                client = message_client(self.settings, self.settings.poison_name)
                 ensure_queue(client)
                 self._poison = client
             return self._poison
@@ -87,7 +87,7 @@ class Consumer:
         self.shared = shared
         self.index = index
         self.settings = shared.settings
-        self.client = make_queue_client(self.settings)
+        self.client = message_client(self.settings)
         self.empty_polls = Backoff(0.1, self.settings.idle_poll_max_s)  # while the queue has nothing
         self.errors = Backoff(1.0, 60.0)
         self.handler_s: float | None = None  # moving average of handler durations
