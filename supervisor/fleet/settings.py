@@ -34,6 +34,7 @@ class FleetSettings:
     retire_when_idle_s: float = 0.0
     allocation_cooldown_s: float = 60.0
     allocation_cooldown_max_s: float = 900.0
+    request_timeout_s: float = 30.0
 
 
 def validate_fleet(f: FleetSettings, require_scale_sets: bool = False) -> None:
@@ -66,6 +67,7 @@ def validate_fleet(f: FleetSettings, require_scale_sets: bool = False) -> None:
     require_between(f.allocation_cooldown_s, "fleet.allocation_cooldown_s", 0, DAY_S, low_inclusive=False)
     require_between(f.allocation_cooldown_max_s, "fleet.allocation_cooldown_max_s", f.allocation_cooldown_s, DAY_S,
                     note=" (at least allocation_cooldown_s)")
+    require_between(f.request_timeout_s, "fleet.request_timeout_s", 0, 600, low_inclusive=False)
 
 
 __all__ = ["ConfigError", "FleetSettings", "validate_fleet"]
