@@ -77,6 +77,9 @@ class Keeper:
             log.warning("fleet: retire request for %s at %s replayed: ignored", request.resource_id[:200], request.at)
             if retire_queue is not None:
                 forget_message(retire_queue, request.message_id, request.pop_receipt)
+        if inbox.error:
+            result.problems.append(inbox.error)
+            log.warning("fleet: retire requests could not be read: %s", inbox.error)
         for message_id, receipt, why in inbox.rejected:
             log.warning("fleet: message %s on the fleet queue is no retire request (%s): deleted", message_id, why)
             if retire_queue is not None:
