@@ -59,9 +59,9 @@ class FleetRig:
             env.pop(name, None)
         return env
 
-    def fleet(self, *args: str, timeout: float = 120, **spot: str) -> subprocess.CompletedProcess[str]:
+    def fleet(self, *args: str, **spot: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "supervisor", "fleet", *args], env=self.env(**spot), capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=180)
 
     def once(self, **spot: str) -> subprocess.CompletedProcess[str]:
         result = self.fleet("run", "--once", **spot)
@@ -71,7 +71,8 @@ class FleetRig:
     def plan(self, **spot: str) -> dict[str, Any]:
         result = self.fleet("plan", "--json", **spot)
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        document: dict[str, Any] = json.loads(result.stdout)
+        return document
 
     def fleet_queue(self) -> QueueClient:
         client = self.azurite.queue(fleet_queue_name(self.queue_name))
