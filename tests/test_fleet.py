@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.storage.queue import QueueClient
@@ -18,7 +19,7 @@ from azure.storage.queue import QueueClient
 from supervisor.fleet.retire import retire_message
 from testsupport.azurite import Azurite
 from testsupport.fleet import FleetRig
-from testsupport.harness import REPO
+from testsupport.harness import REPO, processes_sample_work
 from testsupport.waiting import wait_until
 
 
@@ -235,3 +236,19 @@ def test_the_per_vm_service_never_imports_azure_mgmt() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('azure.mgmt', 'supervisor.fleet.'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert json.loads(result.stdout.replace("'", '"')) == ["supervisor.fleet.cli", "supervisor.fleet.settings"]
+
+
+def test_an_idle_vm_asks_to_retire_holds_and_resumes_when_still_alive(start_evictable: Any, azurite: Azurite, queue: QueueClient,
+                                                                      queue_name: str, tmp_path: Path) -> None:
+    sup = start_evictable(scaling_workers="1", fleet_retire_when_idle_s="2")
+    processes_sample_work(sup, queue, tmp_path, 2, 60, "work before going idle")
+    fleet_queue = azurite.queue(f"{queue_name}-fleet")
+    wait_until(lambda: sup.log().count("retire: asked on") == 1, 60, "a retire request")
+    texts = [m.content for m in fleet_queue.peek_messages(max_messages=32)]
+    assert len(texts) == 1
+    request = json.loads(texts[0])
+    assert request["kind"] == "retire" and request["vm_name"] == "vm-spot-07"
+    assert request["resource_id"].endswith("/providers/Microsoft.Compute/virtualMachines/vm-spot-07")
+    assert abs(request["at"] - time.time()) < 30
+    sup.wait_for_log("resuming work", timeout=30)  # nobody deleted this VM: it works again
+    processes_sample_work(sup, queue, tmp_path, 2, 60, "work after the hold")

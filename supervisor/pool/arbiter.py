@@ -21,6 +21,7 @@ from supervisor.events.eviction import Acknowledged, Decision, EvictionNotice, N
 from supervisor.events.watcher import EventWatcher
 from supervisor.pool import strays
 from supervisor.pool.drain import DrainInProgress, DrainPhase, Outcome, why_not_acknowledged
+from supervisor.pool.retirement import Retirement
 from supervisor.pool.workers import WorkerPool
 from supervisor.vm.sizing import Plan
 from worker.control import Kind
@@ -35,8 +36,10 @@ class Arbiter(WorkerPool):
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
                  events: EventWatcher | None = None,
-                 exit_summary: Callable[[dict[str, int]], str] | None = None) -> None:
+                 exit_summary: Callable[[dict[str, int]], str] | None = None,
+                 retirement: Retirement | None = None) -> None:
         super().__init__(settings, plan, telemetry, attributes, reload)
+        self.retirement = retirement  # None unless [fleet] retire_when_idle_s > 0
         self.events = events  # None when not watching Scheduled Events
         self.exit_summary = exit_summary  # more for the exit line (uptime, dollars saved), from the totals
         self.signals: list[int] = []
@@ -95,7 +98,9 @@ class Arbiter(WorkerPool):
                 break
             self.check_watcher()
             self.check_liveness()
-            self.manage_workers()
+            self.check_retirement()
+            if self.retirement is None or not self.retirement.holding:
+                self.manage_workers()
             self.check_drain()
             self.notify_systemd()
         self.finish()
@@ -219,6 +224,19 @@ class Arbiter(WorkerPool):
             log.info("drain: every worker stopped receiving %.3fs after the drain began",
                      max(0.0, state.stopped_receiving_at - state.started_at))
 
+    def check_retirement(self) -> None:
+        if self.retirement is None:
+            return
+
+        def stop_workers() -> None:
+            for handle in self.workers.values():
+                handle.retiring = True
+                handle.channel.send(Kind.DRAIN, deadline=time.time() + self.settings.shutdown.drain_timeout_s)
+            sdnotify.status(self.status_line())
+
+        if self.retirement.tick(self.workers.values(), self.drain_state is not None, stop_workers):
+            sdnotify.status(self.status_line())
+
     def check_drain(self) -> None:
         state = self.drain_state
         if state is None:
@@ -318,6 +336,8 @@ class Arbiter(WorkerPool):
         drain = self.drain_state
         if drain is not None and drain.phase is DrainPhase.HOLDING:
             return drain.holding_status()
+        if drain is None and self.retirement is not None and self.retirement.holding:
+            return self.retirement.status()
         state = "running" if drain is None else f"{drain.phase.value} ({drain.reason})"
         return (f"{state}: {len(self.workers)} worker(s), {running} in flight, {t.get('succeeded', 0)} done, "
                 f"{t.get('failed', 0)} failed, {t.get('poisoned', 0)} poisoned, {t.get('released', 0) + t.get('interrupted', 0)} released")
