@@ -134,6 +134,17 @@ def alive(arm: ArmStandIn) -> int:
     return sum(1 for s in arm.snapshot().values() for i in s["instances"].values() if i["power"] in ("running", "starting"))
 
 
+def created(arm: ArmStandIn) -> int:
+    with arm.lock:
+        return sum(s.next_id for s in arm.scale_sets.values())
+
+
+def restored(arm: ArmStandIn, created_before: int) -> bool:
+    """The Deallocate eviction (spot-e2_0) running again and a new instance made for the Delete one."""
+    e2 = arm.snapshot()["spot-e2"]["instances"]
+    return e2.get("0", {}).get("power") == "running" and created(arm) > created_before
+
+
 def plot(samples: list[tuple[float, int, int]]) -> str:
     """A text plot of VMs (#) and backlog (.) over time, one column per sample bucket; also a PNG if matplotlib is there."""
     if not samples:
@@ -206,7 +217,7 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)
         noticed = False
         evicted: list[float] = []
-        before_eviction = 0
+        created_before = 0
         deadline = time.time() + 600
         while time.time() < deadline:
             now = time.time() - started
@@ -216,15 +227,16 @@ def main() -> int:
             finished = len(set(done(results)))
             if not noticed and finished >= MESSAGES // 3:
                 print(f"=== evictions mid-run ({finished} done): one VM in each scale set", flush=True)
-                noticed, before_eviction = True, count
+                noticed, created_before = True, created(arm)
                 for scale_set_id in (first, second):
                     instances = [i for i, v in arm.snapshot()[scale_set_id.rsplit('/', 1)[-1]]["instances"].items()
                                  if v["power"] == "running"]
                     if instances:
                         vms.preempt(arm, scale_set_id, instances[0], evicted)
-            if len(evicted) == 2 and not restores and count >= before_eviction:
+            if len(evicted) == 2 and not restores and restored(arm, created_before):
                 restores.append(time.time() - max(evicted))
-                print(f"=== fleet back to {count} VMs {restores[0]:.1f}s after the evictions took effect", flush=True)
+                print(f"=== both evictions restored {restores[0]:.1f}s after they took effect: the deallocated VM "
+                      f"started again, the deleted one replaced ({count} VMs alive)", flush=True)
             if finished >= MESSAGES and backlog == 0 and count <= MIN_VMS:
                 break
             time.sleep(1.0)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+from types import SimpleNamespace
+from typing import Any
 
 from supervisor.fleet.decide import Cooldown, next_cooldown, plan_pass
 from supervisor.fleet.model import Backlog, InstanceView, RetireRequest, ScaleSetView, parse_instance
@@ -107,3 +110,34 @@ def test_parse_instance_reads_power_provisioning_and_health() -> None:
         "vmHealth": {"status": {"code": "HealthState/unhealthy"}}}}}
     parsed = parse_instance(A, item)
     assert (parsed.resource_id, parsed.power, parsed.healthy, parsed.state) == (f"{A}/virtualMachines/3", "deallocated", False, "failed")
+
+
+def test_retirement_asks_after_idle_holds_then_resumes(monkeypatch: Any) -> None:
+    from supervisor.pool.retirement import Retirement
+    from worker.settings import QueueSettings
+
+    now = [100.0]
+    asked: list[float] = []
+    monkeypatch.setattr(Retirement, "_ask", lambda self, at: asked.append(at))
+    retirement = Retirement(10, QueueSettings(), f"{A}/virtualMachines/1", "a_1", clock=lambda: now[0])
+    idle = [SimpleNamespace(ready=True, retiring=False, stats={"running": 0, "held": 0})]
+    busy = [SimpleNamespace(ready=True, retiring=False, stats={"running": 1, "held": 1})]
+    stops: list[int] = []
+    assert not retirement.tick(idle, False, lambda: stops.append(1))
+    now[0] = 105.0
+    retirement.tick(busy, False, lambda: stops.append(1))  # work arrived: the idle clock starts over
+    now[0] = 106.0
+    retirement.tick(idle, False, lambda: stops.append(1))
+    now[0] = 115.0
+    retirement.tick(idle, False, lambda: stops.append(1))
+    assert stops == [] and not retirement.holding
+    now[0] = 116.5
+    retirement.tick(idle, False, lambda: stops.append(1))
+    time.sleep(0.1)  # the request is posted off the main loop
+    assert stops == [1] and retirement.holding and asked == [116.5] and "retiring" in retirement.status()
+    now[0] = 126.0
+    assert not retirement.tick([], False, lambda: stops.append(1))
+    now[0] = 126.6
+    assert retirement.tick([], False, lambda: stops.append(1)) and not retirement.holding  # still here: resume
+    retirement.asked_at = 130.0
+    assert retirement.tick([], True, lambda: stops.append(1)) and not retirement.holding  # a drain takes over
