@@ -213,7 +213,7 @@ def main() -> int:
     started = time.time()
     try:
         print(f"=== {MESSAGES} messages arrive; the keeper (log: {work / 'keeper.log'}) scales up from 0", flush=True)
-        subprocess.run([str(BIN), "enqueue", "--count", str(MESSAGES), "--chunks", "2", "--chunk-ms", "50"], env=base, check=True,
+        subprocess.run([str(BIN), "enqueue", "--count", str(MESSAGES), "--chunks", "4", "--chunk-ms", "100"], env=base, check=True,
                        stdout=subprocess.DEVNULL)
         noticed = False
         evicted: list[float] = []
@@ -225,7 +225,7 @@ def main() -> int:
             samples.append((now, count, backlog))
             vms.vm_seconds += count
             finished = len(set(done(results)))
-            if not noticed and finished >= MESSAGES // 3:
+            if not noticed and finished >= MESSAGES // 5:
                 print(f"=== evictions mid-run ({finished} done): one VM in each scale set", flush=True)
                 noticed, created_before = True, created(arm)
                 for scale_set_id in (first, second):
