@@ -123,6 +123,7 @@ class Keeper:
                 try:
                     self.arm.delete_instances(decision.scale_set_id, [decision.instance_id])
                 except ArmRefused as exc:  # the message comes back after its lease; a later pass tries again
+                    self.seen.forget(request)
                     result.problems.append(str(exc))
                     log.warning("fleet: retiring %s failed: %s", request.vm_name, exc)
                     continue

@@ -70,3 +70,7 @@ class SeenRequests:
         while len(self._seen) > self._limit:
             self._seen.popitem(last=False)
         return True
+
+    def forget(self, request: RetireRequest) -> None:
+        """A granted request whose delete failed: its message comes back after the lease and may be acted on."""
+        self._seen.pop((request.resource_id.lower(), request.at), None)
