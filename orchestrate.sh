@@ -11,6 +11,11 @@
 #   orchestrate.sh -u [--purge]  stop (drain), disable, remove; config and state are kept
 #                                unless --purge, which also removes the system user
 #
+#   --fleet-keeper  with -i / -g / -u: the fleet keeper's unit (spot-supervisor-fleet.service,
+#                   `spot-supervisor fleet run`) instead of the per-VM service, for the one
+#                   host that keeps the fleet; the package must be built with
+#                   packaging/build.sh --with 'azure-mgmt-compute>=39,<40' (the `fleet` extra)
+#
 # Options:
 #   --root DIR      stage everything under DIR and skip systemctl, useradd/userdel
 #                   and chown (for tests and image builds); DIR is created if needed
@@ -29,7 +34,7 @@ set -euo pipefail
 umask 022
 
 readonly NAME=spot-supervisor
-readonly SERVICE="$NAME.service"
+SERVICE="$NAME.service"
 
 log() { printf 'orchestrate: %s\n' "$*" >&2; }
 die() { printf 'orchestrate: error: %s\n' "$*" >&2; exit 1; }
@@ -42,6 +47,7 @@ root=""
 root_mode=false
 python=""
 package=""
+fleet_keeper=false
 
 set_action() {
   [[ -z "$action" || "$action" == "$1" ]] || usage_error "choose one of -i, -u, -g"
@@ -54,6 +60,7 @@ while (($#)); do
     -u | --uninstall) set_action uninstall ;;
     -g | --upgrade) set_action upgrade ;;
     --purge) purge=true ;;
+    --fleet-keeper) fleet_keeper=true ;;
     --root) (($# >= 2)) || usage_error "--root needs a directory"; root=$2; root_mode=true; shift ;;
     --root=*) root=${1#--root=}; root_mode=true ;;
     --python) (($# >= 2)) || usage_error "--python needs a path"; python=$2; shift ;;
@@ -67,6 +74,8 @@ while (($#)); do
 done
 [[ -n "$action" ]] || usage_error "choose one of -i (install), -u (uninstall), -g (upgrade)"
 if [[ "$purge" == true && "$action" != uninstall ]]; then usage_error "--purge goes with -u"; fi
+if [[ "$fleet_keeper" == true ]]; then SERVICE="$NAME-fleet.service"; fi
+readonly SERVICE
 
 if [[ "$root_mode" == true ]]; then
   [[ -n "$root" ]] || usage_error "--root needs a directory"
@@ -178,6 +187,12 @@ install_version() {
   touch -- "$dest/.spot-installed"
 }
 
+check_fleet_extra() {
+  [[ "$fleet_keeper" == true ]] || return 0
+  "$opt/$version/bin/python" -c 'import azure.mgmt.compute' 2>/dev/null ||
+    die "--fleet-keeper: this package has no azure-mgmt-compute; build it with packaging/build.sh --with 'azure-mgmt-compute>=39,<40'"
+}
+
 # Atomically point $opt/<link> at a version directory.
 set_link() {
   local link=$1 target=$2 tmp="$opt/.$1.$$"
@@ -236,6 +251,7 @@ do_install() {
   lock
   ensure_user
   install_version
+  check_fleet_extra
   previous=$(link_target current)
   if [[ -n "$previous" && "$previous" != "$version" ]]; then
     set_link previous "$previous"

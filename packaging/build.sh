@@ -10,6 +10,7 @@
 #                            (clean, or modified: built with uncommitted changes)
 #   orchestrate.sh           install / upgrade / uninstall (-i / -g / -u)
 #   spot-supervisor.service  the systemd unit
+#   spot-supervisor-fleet.service  the fleet keeper's unit (orchestrate.sh --fleet-keeper)
 #   config/default.toml      the default /etc/spot-supervisor/config.toml
 #   wheelhouse/*.whl         the project and every runtime dependency, plus pip,
 #                            so that the VM installs with --no-index (offline)
@@ -57,7 +58,7 @@ if [[ -z "$python" ]]; then
 fi
 if ((${#platforms[@]})) && [[ -z "$target_python" ]]; then die "--platform goes with --target-python"; fi
 
-for f in pyproject.toml orchestrate.sh packaging/spot-supervisor.service config/default.toml; do
+for f in pyproject.toml orchestrate.sh packaging/spot-supervisor.service packaging/spot-supervisor-fleet.service config/default.toml; do
   [[ -f "$repo/$f" ]] || die "$repo/$f is missing"
 done
 
@@ -168,6 +169,7 @@ fi
 
 install -m 0755 -- "$repo/orchestrate.sh" "$pkg/orchestrate.sh"
 install -m 0644 -- "$repo/packaging/spot-supervisor.service" "$pkg/spot-supervisor.service"
+install -m 0644 -- "$repo/packaging/spot-supervisor-fleet.service" "$pkg/spot-supervisor-fleet.service"
 install -m 0644 -- "$repo/config/default.toml" "$pkg/config/default.toml"
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 # tree=modified: what goes into the package differs from the commit (changed or

@@ -5,4 +5,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup.sh"
 cd "$repo"  # run as a module from the repo root, so it imports testsupport/ like the tests and bench do
+if [[ " $* " == *" --fleet "* ]]; then
+  # The fleet keeper's story: scale sets (ARM stand-in), evictions restored, idle VMs retired.
+  exec "$repo/.venv/bin/python" -m scripts.demo_fleet
+fi
 exec "$repo/.venv/bin/python" -m scripts.demo "$@"

@@ -1,4 +1,4 @@
-"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue, poison."""
+"""The `spot-supervisor` command: run, plan, simulate, prices, enqueue, poison, fleet."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from supervisor.cli_failure import report_failure
 from supervisor.config import SupervisorSettings, load_supervisor_settings, unknown_env_variables
+from supervisor.fleet import cli as fleet_cli
 from supervisor.ops import poison_cli
 from worker.handler import describe_workload
 from worker.settings import ConfigError
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     poison = sub.add_parser("poison", help="inspect and replay <queue>-poison: list, requeue, purge")
     poison_cli.add_arguments(poison)
+
+    fleet = sub.add_parser("fleet", help="the fleet keeper (one per fleet): run, plan, status")
+    fleet_cli.add_arguments(fleet)
     return parser
 
 
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return simulator_cli.run(args)
     try:
         settings = load_supervisor_settings(args.config, require_queue=args.command not in ("plan", "prices"))
+        if args.command == "fleet":
+            setup_logging(settings.telemetry.log_level, "fleet-keeper")
+            return fleet_cli.run(args, settings)
         setup_logging(settings.telemetry.log_level, "supervisor")
         if args.command in ("run", "plan"):
             for warning in unknown_env_variables(SupervisorSettings):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.fleet.settings import FleetSettings, validate_fleet
 from supervisor.ops.prices import DEFAULT_PRICES_ENDPOINT
 from worker.settings import (
     DAY_S,
@@ -91,6 +92,7 @@ class SupervisorSettings(Settings):
     events: EventsSettings = field(default_factory=EventsSettings)
     startup: StartupSettings = field(default_factory=StartupSettings)
     cost: CostSettings = field(default_factory=CostSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
 
 
 def load_supervisor_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
@@ -139,6 +141,7 @@ def validate_supervisor(s: SupervisorSettings, require_queue: bool = True) -> No
     _require_url(s.startup.arm_endpoint, "startup.arm_endpoint", "https://management.azure.com")
     _require_url(s.cost.prices_endpoint, "cost.prices_endpoint", DEFAULT_PRICES_ENDPOINT)
     require_between(s.startup.provisioning_timeout_s, "startup.provisioning_timeout_s", 0, DAY_S, low_inclusive=False)
+    validate_fleet(s.fleet)
 
 
 def _require_url(url: str, key: str, example: str) -> None:

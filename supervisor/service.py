@@ -13,6 +13,7 @@ from supervisor.events.sources import open_source
 from supervisor.events.watcher import EventWatcher
 from supervisor.ops.cost import CostTracker
 from supervisor.pool.arbiter import Arbiter
+from supervisor.pool.retirement import Retirement
 from supervisor.vm.planning import VmFacts, make_plan, read_vm_facts
 from supervisor.vm.sizing import Plan
 from worker.common.secrets import protect_secrets
@@ -61,7 +62,8 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         events = EventWatcher(source, settings.events, facts.vm_name)
     cost = CostTracker(settings.cost.prices_endpoint, is_spot=facts.instance is None or facts.instance.is_spot)
     arbiter = Arbiter(settings, plan, telemetry, attributes, reload=reload, events=events,
-                      exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)))
+                      exit_summary=lambda totals: cost.summary(totals.get("succeeded", 0)),
+                      retirement=make_retirement(settings, facts))
     if settings.cost.enabled:
         arbiter.metrics.observe_cost(cost, lambda: arbiter.totals().get("succeeded", 0))
         if facts.events.source in ("aws", "gcp"):
@@ -80,6 +82,15 @@ def run_service(settings: SupervisorSettings, config_path: str | None) -> int:
         if source is not None:
             source.close()
         telemetry.shutdown()
+
+
+def make_retirement(settings: SupervisorSettings, facts: VmFacts) -> Retirement | None:
+    if settings.fleet.retire_when_idle_s <= 0:
+        return None
+    if facts.instance is None or not facts.instance.resource_id:
+        log.warning("fleet.retire_when_idle_s: no resourceId from instance metadata, so this VM cannot ask to retire")
+        return None
+    return Retirement(settings.fleet.retire_when_idle_s, settings.queue, facts.instance.resource_id, facts.vm_name)
 
 
 def wait_until_provisioned(settings: SupervisorSettings, facts: VmFacts) -> None:

@@ -373,3 +373,30 @@ def test_unit_exposure_score_stays_low() -> None:
     if match is None:
         pytest.skip(f"this systemd-analyze cannot score a unit file offline: {result.stderr.strip()[:200]}")
     assert float(match.group(1)) <= 2.0, result.stdout
+
+
+# --- the fleet keeper's unit (orchestrate.sh --fleet-keeper) ---------------------------------------
+
+FLEET_UNIT = REPO / "packaging" / "spot-supervisor-fleet.service"
+
+
+def test_fleet_keeper_install_needs_the_fleet_extra(package_v1: Path, tmp_path: Path) -> None:
+    result = orchestrate(package_v1, "-i", "--fleet-keeper", "--root", tmp_path / "root", check=False)
+    assert result.returncode == 1
+    assert "--fleet-keeper: this package has no azure-mgmt-compute" in result.stderr
+    assert not (tmp_path / "root" / "etc" / "systemd" / "system" / "spot-supervisor-fleet.service").exists()
+
+
+def test_fleet_keeper_installs_its_unit_and_runs_the_keeper(tmp_path: Path) -> None:
+    package = unpack(build(REPO, tmp_path / "dist", "--with", "azure-mgmt-compute>=39,<40"), tmp_path / "unpacked")
+    assert (package / "spot-supervisor-fleet.service").read_bytes() == FLEET_UNIT.read_bytes()
+    root = tmp_path / "root"
+    orchestrate(package, "-i", "--fleet-keeper", "--root", root)
+    units = root / "etc" / "systemd" / "system"
+    assert (units / "spot-supervisor-fleet.service").read_bytes() == FLEET_UNIT.read_bytes()
+    assert not (units / "spot-supervisor.service").exists()
+    keeper = run(root / "opt" / "spot-supervisor" / "current" / "bin" / "spot-supervisor", "fleet", "plan", "--config",
+                 root / "etc" / "spot-supervisor" / "config.toml", env=clean_env(SPOT_QUEUE_CONNECTION_STRING="UseDevelopmentStorage=true"),
+                 check=False)
+    assert keeper.returncode == os.EX_CONFIG and "fleet.scale_sets: required" in keeper.stderr
+    assert "ExecStart=/opt/spot-supervisor/current/bin/spot-supervisor fleet run --config" in FLEET_UNIT.read_text()

@@ -39,7 +39,7 @@ MAX_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 HOUR_S = 3600.0
 DAY_S = 24 * HOUR_S
 # Sections only `spot-supervisor` reads (supervisor/config.py); `python -m worker` accepts them unread.
-SUPERVISOR_SECTIONS = ("scaling", "events", "startup", "cost")
+SUPERVISOR_SECTIONS = ("scaling", "events", "startup", "cost", "fleet")
 
 
 class ConfigError(Exception):

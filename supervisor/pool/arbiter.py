@@ -21,6 +21,7 @@ from supervisor.events.eviction import Acknowledged, Decision, EvictionNotice, N
 from supervisor.events.watcher import EventWatcher
 from supervisor.pool.drain import DrainInProgress, DrainPhase, Outcome
 from supervisor.pool.metrics import SupervisorMetrics
+from supervisor.pool.retirement import Retirement
 from supervisor.pool.workers import StoppedReceiving, WorkerPool
 from supervisor.vm.sizing import Plan
 from worker.common.wake_pipe import WakePipe
@@ -37,7 +38,9 @@ class Arbiter:
     def __init__(self, settings: SupervisorSettings, plan: Plan, telemetry: Telemetry, attributes: dict[str, str],
                  reload: Callable[[], tuple[SupervisorSettings, Plan]] | None = None,
                  events: EventWatcher | None = None,
-                 exit_summary: Callable[[dict[str, int]], str] | None = None) -> None:
+                 exit_summary: Callable[[dict[str, int]], str] | None = None,
+                 retirement: Retirement | None = None) -> None:
+        self.retirement = retirement  # None unless [fleet] retire_when_idle_s > 0
         self.metrics = SupervisorMetrics(telemetry.meter)
         self.wake_pipe = WakePipe()
         self.pool = WorkerPool(settings, plan, telemetry, attributes, self.metrics, reload, close_in_child=self.wake_pipe.fds)
@@ -100,6 +103,7 @@ class Arbiter:
                 break
             self.check_watcher()
             self.pool.check_liveness()
+            self.check_retirement()
             self.pool.manage_workers()
             self.check_drain()
             self.notify_systemd()
@@ -216,6 +220,22 @@ class Arbiter:
                 log.info("drain: every worker stopped receiving %.3fs after the drain began",
                          max(0.0, state.stopped_receiving_at - state.started_at))
 
+    def check_retirement(self) -> None:
+        """An idle VM asks the fleet keeper to delete it and holds without workers (the pool drains, as for
+        a drain); still here after the hold, it resumes. A drain for an eviction or a stop takes over."""
+        if self.retirement is None:
+            return
+        draining = self.drain_state is not None
+
+        def stop_workers() -> None:
+            self.pool.retire_all(time.time() + self.settings.shutdown.drain_timeout_s)
+            sdnotify.status(self.status_line())
+
+        if self.retirement.tick(self.pool.workers.values(), draining, stop_workers):
+            if not draining:
+                self.pool.resume()
+            sdnotify.status(self.status_line())
+
     def check_drain(self) -> None:
         state = self.drain_state
         if state is None:
@@ -312,6 +332,8 @@ class Arbiter:
         drain = self.drain_state
         if drain is not None and drain.phase is DrainPhase.HOLDING:
             return drain.holding_status()
+        if drain is None and self.retirement is not None and self.retirement.holding:
+            return self.retirement.status()
         state = "running" if drain is None else f"{drain.phase.value} ({drain.reason})"
         return (f"{state}: {len(self.pool.workers)} worker(s), {self.pool.in_flight()} in flight, {t.get('succeeded', 0)} done, "
                 f"{t.get('failed', 0)} failed, {t.get('poisoned', 0)} poisoned, {t.get('released', 0) + t.get('interrupted', 0)} released")

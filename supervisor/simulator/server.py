@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from supervisor.simulator.identity import TOKEN_PATH, IdentityEndpoint
 from supervisor.simulator.state import BadRequest, Fault, ImdsState
 from supervisor.vm.imds import is_json_int
 
@@ -38,6 +39,7 @@ class ImdsSimulator(ImdsState):
                          notice_s=notice_s, on_ack=on_ack)
         self.host = host
         self.port = port
+        self.identity = IdentityEndpoint()  # the managed-identity token endpoint (the fleet keeper's tests)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -139,7 +141,9 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint = path if not path.startswith("/simulate/event/") else "/simulate/event/<id>"
         self.server.state.count_request(f"{method} {endpoint}")
         try:
-            if path in (SCHEDULED_EVENTS_PATH, INSTANCE_PATH):
+            if path == TOKEN_PATH and isinstance(self.server.state, ImdsSimulator):
+                self._json(*self.server.state.identity.answer(query, self.headers.get("Metadata")))
+            elif path in (SCHEDULED_EVENTS_PATH, INSTANCE_PATH):
                 self._metadata(method, path, query, body)
             elif path.startswith("/simulate/"):
                 self._control(method, path, body)
