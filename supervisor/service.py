@@ -8,8 +8,7 @@ import sys
 from supervisor import sdnotify
 from supervisor.build_info import describe_build
 from supervisor.config import SupervisorSettings, load_supervisor_settings
-from supervisor.events.azure import EventSource
-from supervisor.events.sources import open_source
+from supervisor.events.sources import EventSource, open_source
 from supervisor.events.watcher import EventWatcher
 from supervisor.ops.cost import CostTracker
 from supervisor.pool.arbiter import Arbiter

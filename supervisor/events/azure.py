@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
@@ -137,32 +137,6 @@ def _parse_not_before(where: str, text: str) -> datetime | None:
     if when.tzinfo is None:  # "-0000" means UTC in RFC 2822 terms
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc)
-
-
-class EventSource(Protocol):
-    """Where eviction notices come from: Azure here, AWS in events/aws.py, Google Cloud in events/gcp.py."""
-
-    name: str  # for the log: "Azure Scheduled Events"
-    acknowledges: bool  # False: the cloud has no acknowledgement, nothing is ever POSTed
-
-    def poll(self) -> EventsDocument:
-        """The current document; raises ImdsError on any failure."""
-        ...
-
-    def acknowledge(self, event_id: str) -> None:
-        """Approve the event so it starts now; raises ImdsError on failure."""
-        ...
-
-    def next_poll_in(self, interval_s: float) -> float:
-        """Seconds to wait after a successful poll (0 when the poll itself waited for a change)."""
-        ...
-
-    def instance_info(self, timeout_s: float | None = None) -> InstanceInfo:
-        """This machine's name, size, region and priority; raises ImdsError on failure."""
-        ...
-
-    def close(self) -> None:
-        ...
 
 
 class AzureScheduledEvents:

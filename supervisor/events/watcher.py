@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 from supervisor.config import EventsSettings
-from supervisor.events.azure import EventSource
 from supervisor.events.eviction import Acknowledged, Decision, EvictionPolicy
+from supervisor.events.sources import EventSource
 from supervisor.retry_after import honour_retry_after
 from supervisor.vm.imds import ImdsError
 from supervisor.vm.planning import INSTANCE_TIMEOUT_S

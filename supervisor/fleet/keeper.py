@@ -92,7 +92,7 @@ class Keeper:
         self._retire(plan, retire_queue, result)
         self._add(plan, result)
         if self.metrics is not None:
-            self.metrics.record_pass(result, self.cooldowns)
+            self.metrics.record_pass(result.plan)
         return result
 
     # -- acting ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 from supervisor.simulator.metadata_http import MetadataServer
 from testsupport.clouds import aws_sim, control, gcp_sim, start_on_cloud
 from testsupport.harness import Supervisor, processes_sample_work
-from testsupport.hostile_clouds import GARBAGE_ANSWERS
+from testsupport.hostile.clouds import GARBAGE_ANSWERS
 
 __all__ = ["aws_sim", "gcp_sim", "start_on_cloud"]  # fixtures
 

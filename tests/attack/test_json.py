@@ -17,8 +17,8 @@ from supervisor.ops.prices import PricesError, fetch_quote, read_cached
 from supervisor.simulator.server import ImdsSimulator
 from supervisor.vm.imds import ImdsError, fetch_instance_info, parse_instance
 from testsupport.harness import Supervisor
-from testsupport.hostile_json import BROKEN_TEXTS, HOSTILE_VALUES, deep_array, event_text, events_document, huge_string
-from testsupport.hostile_prices import Answer, HostilePrices
+from testsupport.hostile.documents import BROKEN_TEXTS, HOSTILE_VALUES, deep_array, event_text, events_document, huge_string
+from testsupport.hostile.prices import Answer, HostilePrices
 from worker.common import jsonsafe
 from worker.control import Channel
 from worker.message import Codec, UndecodableMessage, parse_header

@@ -12,7 +12,7 @@ import pytest
 from azure.core.exceptions import DecodeError, HttpResponseError, ResourceNotFoundError, ServiceResponseError
 from azure.storage.queue import QueueClient
 
-from testsupport.hostile_lean import HostileQueue, http_answer, message_xml, messages_xml
+from testsupport.hostile.lean import HostileQueue, http_answer, message_xml, messages_xml
 from worker.queue.lean import LeanQueueClient
 from worker.queue.transport import MAX_ANSWER_BYTES
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from supervisor.ops.prices import PricesError, fetch_quote
-from testsupport.hostile_prices import Answer, HostilePrices
+from testsupport.hostile.prices import Answer, HostilePrices
 
 SKU, REGION = "Standard_D4s_v5", "westeurope"
 

@@ -19,7 +19,7 @@ from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
 from testsupport.harness import REPO, SUPERVISOR, Supervisor, child_env
-from testsupport.hostile_programs import (
+from testsupport.hostile.programs import (
     SECRETS_SCANNER,
     drop_all_capabilities,
     hostile_lines,

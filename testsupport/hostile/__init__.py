@@ -1,0 +1,1 @@
+"""Hostile parts for the standing attack suite (tests/attack/): documents, programs, servers."""
