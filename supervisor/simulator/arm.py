@@ -26,13 +26,12 @@ import json
 import logging
 import re
 import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from supervisor.simulator.arm_state import ArmState, Fault, StandInError
+from supervisor.simulator.http_base import ServedOnThread, StandInHandler, TrackingServer
 
 log = logging.getLogger("supervisor.simulator.arm")
 
@@ -42,49 +41,22 @@ _SCALE_SET = re.compile(r"^(/subscriptions/[^/]+/resourcegroups/[^/]+/providers/
 _OPERATION = re.compile(r"^/subscriptions/[^/]+/providers/microsoft\.compute/locations/[^/]+/operations/([^/]+)$", re.IGNORECASE)
 
 
-class ArmStandIn(ArmState):
+class ArmStandIn(ArmState, ServedOnThread):
     """`with ArmStandIn(cert, key) as arm: arm.url`: the model served over HTTPS on a daemon thread."""
+
+    thread_name = "arm-standin"
 
     def __init__(self, cert_file: Path, key_file: Path, host: str = "127.0.0.1", port: int = 0,
                  create_delay_s: float = 0.0, page_size: int = PAGE_SIZE) -> None:
         super().__init__(create_delay_s)
-        self.cert_file, self.key_file = cert_file, key_file
         self.host, self.port, self.page_size = host, port, page_size
-        self.closing = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(str(cert_file), str(key_file))
 
-    def start(self) -> ArmStandIn:
-        server = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
-        server.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(self.cert_file), str(self.key_file))
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server, self.port = server, server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="arm-standin", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.closing.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> ArmStandIn:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}:{self.port}"
+    def make_server(self) -> TrackingServer:
+        server = _Server((self.host, self.port), _Handler)
+        server.standin = self
+        return server
 
     def resolve(self, name_or_id: Any) -> str:
         if not isinstance(name_or_id, str) or not name_or_id:
@@ -98,31 +70,20 @@ class ArmStandIn(ArmState):
         raise StandInError(404, "ResourceNotFound", f"no scale set named {name_or_id!r}")
 
 
-def _handler_for(arm: ArmStandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(_Handler):
-        standin = arm
-
-    return Handler
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Server(TrackingServer):
     standin: ArmStandIn
-    protocol_version = "HTTP/1.1"
+
+
+class _Handler(StandInHandler):
+    server: _Server
     server_version = "arm-standin"
+    methods = ("GET", "POST", "PATCH")
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    @property
+    def standin(self) -> ArmStandIn:
+        return self.server.standin
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def do_PATCH(self) -> None:  # noqa: N802
-        self._dispatch("PATCH")
-
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -198,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _fault(self, fault: Fault) -> bool:
         log.info("fault injected: %s", fault.mode)
         if fault.mode == "stall":
-            self.standin.closing.wait(3600)
+            self.server.closing.wait(3600)
             self.close_connection = True
             return True
         if fault.mode == "garbage":

@@ -13,10 +13,10 @@ import struct
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from supervisor.simulator.http_base import ServedOnThread, StandInHandler, TrackingServer
 from supervisor.simulator.state import BadRequest
 
 log = logging.getLogger("supervisor.simulator")
@@ -49,45 +49,25 @@ class MetadataModel(Protocol):
     def close(self) -> None: ...
 
 
-class MetadataServer:
+class MetadataServer(ServedOnThread):
     """`model` served over HTTP on a daemon thread: `with MetadataServer(AwsMetadata()) as sim: sim.url`."""
 
     def __init__(self, model: MetadataModel, host: str = "127.0.0.1", port: int = 0) -> None:
         self.model = model
         self.host = host
         self.port = port
+        self.thread_name = f"{model.cloud}-metadata-simulator"
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> MetadataServer:
-        server = _Server((self.host, self.port), self)
-        self._server, self.port = server, server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"{self.model.cloud}-metadata-simulator", daemon=True)
-        self._thread.start()
-        return self
+    def make_server(self) -> TrackingServer:
+        server = _Server((self.host, self.port), _Handler)
+        server.owner = self
+        return server
 
     def stop(self) -> None:
         self.model.close()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> MetadataServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        super().stop()
 
     def count(self, key: str) -> None:
         with self._lock:
@@ -98,66 +78,16 @@ class MetadataServer:
             return dict(self.requests)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], owner: MetadataServer) -> None:
-        super().__init__(address, _Handler)
-        self.owner = owner
-        self.closing = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-
-    def track(self, conn: socket.socket, open_: bool) -> None:
-        with self._connections_lock:
-            (self._connections.add if open_ else self._connections.discard)(conn)
-
-    def close(self) -> None:
-        self.closing.set()
-        self.shutdown()
-        self.server_close()
-        with self._connections_lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+class _Server(TrackingServer):
+    owner: MetadataServer
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(StandInHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
     server_version = "metadata-simulator"
+    methods = ("GET", "PUT", "POST", "DELETE")
 
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, False)
-        super().finish()
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path = parts.path
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}

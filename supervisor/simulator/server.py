@@ -6,11 +6,10 @@ import json
 import logging
 import socket
 import struct
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
+from supervisor.simulator.http_base import ServedOnThread, StandInHandler, TrackingServer
 from supervisor.simulator.identity import TOKEN_PATH, IdentityEndpoint
 from supervisor.simulator.state import BadRequest, Fault, ImdsState
 from supervisor.vm.imds import is_json_int
@@ -27,8 +26,10 @@ _NO_API_VERSION = {
 }
 
 
-class ImdsSimulator(ImdsState):
+class ImdsSimulator(ImdsState, ServedOnThread):
     """The model (ImdsState) plus an HTTP server on a daemon thread: `with ImdsSimulator() as sim: sim.url`."""
+
+    thread_name = "imds-simulator"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, vm_name: str = "vm-spot-07",
                  vm_size: str = "Standard_D2s_v3", priority: str = "Spot", eviction_policy: str | None = None,
@@ -40,100 +41,22 @@ class ImdsSimulator(ImdsState):
         self.host = host
         self.port = port
         self.identity = IdentityEndpoint()  # the managed-identity token endpoint (the fleet keeper's tests)
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> ImdsSimulator:
-        server = _Server((self.host, self.port), self)
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="imds-simulator", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> ImdsSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+    def make_server(self) -> TrackingServer:
+        server = _Server((self.host, self.port), _Handler)
+        server.state = self
+        return server
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], state: ImdsState) -> None:
-        super().__init__(address, _Handler)
-        self.state = state
-        self.closing = threading.Event()  # wakes handlers sleeping in a "slow" fault
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-
-    def track(self, conn: socket.socket, open_: bool) -> None:
-        with self._connections_lock:
-            if open_:
-                self._connections.add(conn)
-            else:
-                self._connections.discard(conn)
-
-    def close(self) -> None:
-        self.closing.set()
-        self.shutdown()
-        self.server_close()
-        # Kept-alive connections would otherwise go on being served.
-        with self._connections_lock:
-            connections, self._connections = list(self._connections), set()
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that time out (slow faults) or go away are routine here.
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+class _Server(TrackingServer):
+    state: ImdsState
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(StandInHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in two writes
     server_version = "imds-simulator"
 
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, False)
-        super().finish()
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
         query = parse_qs(parts.query)
