@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from azure.storage.queue import QueueClient
 
@@ -57,7 +58,16 @@ def supervisors(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
         yield start
     finally:
         for sup in started:
+            try:  # what its programs started, should any of it outlive the supervisor
+                tree = psutil.Process(sup.pid).children(recursive=True)
+            except psutil.Error:
+                tree = []
             sup.cleanup()
+            for process in tree:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -21,7 +21,7 @@ from azure.storage.queue import QueueClient
 from nvidia_smi_standin import install, uuids
 
 from testsupport.azurite import Azurite
-from testsupport.harness import REPO, SPAWNED, SUPERVISOR, Supervisor, child_env
+from testsupport.harness import REPO, SPAWNED, SUPERVISOR, Supervisor, child_env, gone, program_env
 from testsupport.queues import message_count, visible_ids
 from testsupport.waiting import wait_until
 from worker.message import Codec
@@ -30,44 +30,6 @@ from worker.queue.poisoned import read_poisoned
 PROGRAMS = REPO / "tests" / "programs"
 EXAMPLE = REPO / "examples" / "render_frames.sh"
 
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
-    started: list[Supervisor] = []
-
-    def _start(env: dict[str, str], *args: str) -> Supervisor:
-        sup = Supervisor(env, tmp_path, *args)
-        started.append(sup)
-        return sup
-
-    try:
-        yield _start
-    finally:
-        for sup in started:
-            try:
-                tree = psutil.Process(sup.pid).children(recursive=True)
-            except psutil.Error:
-                tree = []
-            sup.cleanup()
-            for process in tree:
-                try:
-                    process.kill()
-                except psutil.Error:
-                    pass
-
-
-def program_env(azurite: Azurite, queue_name: str, command: str, **spot: str) -> dict[str, str]:
-    defaults = {"queue_batch_size": "1", "queue_visibility_timeout_s": "30", "shutdown_drain_timeout_s": "5",
-                "shutdown_kill_grace_s": "1", "queue_idle_poll_max_s": "0.2", "queue_prefetch_s": "0",
-                "scaling_workers": "1"}
-    return child_env(azurite, queue_name=queue_name, workload_command=command, **{**defaults, **spot})
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def read_pids(path: Path) -> list[int] | None:
@@ -89,13 +51,13 @@ def poisoned_bodies(poison: QueueClient) -> list[str]:
 
 
 def test_exit_status_decides_done_released_failed_and_poison(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                             tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                             tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.txt"
     ids = {body: queue.send_message(body).id for body in ("ok", "release", "fail", "killed")}
     env = program_env(azurite, queue_name, str(PROGRAMS / "outcome.sh"), queue_max_dequeue_count="2",
                       queue_retry_delay_s="0.1", scaling_workers="2")
     env["PROG_EVENTS"] = str(events)
-    sup = start(env)
+    sup = supervisors(env)
     poison = azurite.queue(f"{queue_name}-poison")
 
     def runs() -> dict[str, list[int]]:
@@ -122,12 +84,12 @@ def test_exit_status_decides_done_released_failed_and_poison(azurite: Azurite, q
 
 
 def test_timeout_kills_a_run_and_counts_as_a_failure(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                     tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                     tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     queue.send_message("slow")
     env = program_env(azurite, queue_name, str(PROGRAMS / "outcome.sh"), workload_timeout_s="1",
                       queue_max_dequeue_count="1")
     env["PROG_EVENTS"] = str(tmp_path / "events.txt")
-    sup = start(env)
+    sup = supervisors(env)
     poison = azurite.queue(f"{queue_name}-poison")
     poison.create_queue()
     wait_until(lambda: poisoned_bodies(poison) == ["slow"], 20, lambda: sup.log()[-3000:])
@@ -137,13 +99,13 @@ def test_timeout_kills_a_run_and_counts_as_a_failure(azurite: Azurite, queue: Qu
 
 
 def test_checkpoint_file_is_stored_like_ctx_checkpoint(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                      tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                      tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     ids = {body: queue.send_message(body).id for body in ('{"a": [1, "two"]}', "{not json", "large")}
     env = program_env(azurite, queue_name, str(PROGRAMS / "checkpointer.sh"))
     env["PROG_OUT"] = str(out)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: message_count(queue) == 0, 30, lambda: f"every message to be done; log:\n{sup.log()[-3000:]}")
     given = {body: (out / mid).read_text().strip() for body, mid in ids.items()}
     assert given == {'{"a": [1, "two"]}': '{"a": [1, "two"]}', "{not json": "none", "large": "none"}
@@ -158,7 +120,7 @@ def test_checkpoint_file_is_stored_like_ctx_checkpoint(azurite: Azurite, queue: 
 
 
 def test_drain_stops_the_program_which_checkpoints_and_another_supervisor_resumes(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     frames_log = tmp_path / "frames.txt"
     message_id = queue.send_message("25").id
     env = program_env(azurite, queue_name, str(EXAMPLE), shutdown_drain_timeout_s="20")
@@ -167,7 +129,7 @@ def test_drain_stops_the_program_which_checkpoints_and_another_supervisor_resume
     def frames() -> list[int]:
         return [int(line.split()[1]) for line in frames_log.read_text().splitlines()] if frames_log.exists() else []
 
-    first = start(env)
+    first = supervisors(env)
     wait_until(lambda: len(frames()) >= 3, 20, lambda: f"three frames; log:\n{first.log()[-3000:]}")
     first.send(signal.SIGTERM)
     assert first.wait(15) == 0
@@ -180,7 +142,7 @@ def test_drain_stops_the_program_which_checkpoints_and_another_supervisor_resume
     # Released at once (not after the 30-s lease), carrying the last checkpoint.
     assert stored_state(queue) == [{"next_frame": len(done_first)}]
 
-    second = start(env)
+    second = supervisors(env)
     wait_until(lambda: message_count(queue) == 0, 30, lambda: f"the rest of the frames; log:\n{second.log()[-3000:]}")
     assert frames() == list(range(25)), "a frame was rendered twice or skipped"
     assert f"resuming at frame {len(done_first)} (attempt 2)" in second.log()
@@ -189,13 +151,13 @@ def test_drain_stops_the_program_which_checkpoints_and_another_supervisor_resume
 
 
 def test_the_stop_signal_is_configurable(azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
-                                         start: Callable[..., Supervisor]) -> None:
+                                         supervisors: Callable[..., Supervisor]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     message_id = queue.send_message("x").id
     env = program_env(azurite, queue_name, str(PROGRAMS / "usr1.sh"), workload_stop_signal="SIGUSR1")
     env["PROG_OUT"] = str(out)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: (out / f"{message_id}.started").exists(), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
@@ -204,12 +166,12 @@ def test_the_stop_signal_is_configurable(azurite: Azurite, queue: QueueClient, q
 
 
 def test_a_program_ignoring_the_stop_signal_dies_with_its_children_at_the_deadline(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     pids_file = tmp_path / "pids"
     message_id = queue.send_message("x").id
     env = program_env(azurite, queue_name, str(PROGRAMS / "stubborn.sh"), shutdown_drain_timeout_s="2")
     env["PROG_PIDS"] = str(pids_file)
-    sup = start(env)
+    sup = supervisors(env)
     pids = wait_until(lambda: read_pids(pids_file), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
@@ -221,13 +183,13 @@ def test_a_program_ignoring_the_stop_signal_dies_with_its_children_at_the_deadli
 
 
 def test_the_last_checkpoint_is_stored_at_the_deadline(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                       tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                       tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     pids_file = tmp_path / "pids"
     queue.send_message("x")
     # A deadline sooner than the first once-a-second look: only the look at the deadline can store it.
     env = program_env(azurite, queue_name, str(PROGRAMS / "stubborn.sh"), shutdown_drain_timeout_s="0.2")
     env["PROG_PIDS"] = str(pids_file)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: read_pids(pids_file), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
@@ -238,12 +200,12 @@ def test_the_last_checkpoint_is_stored_at_the_deadline(azurite: Azurite, queue: 
 
 
 def test_sigkill_of_a_worker_kills_its_program_and_the_programs_children(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     pids_file = tmp_path / "pids"
     queue.send_message("x")
     env = program_env(azurite, queue_name, str(PROGRAMS / "stubborn.sh"))
     env["PROG_PIDS"] = str(pids_file)
-    sup = start(env)
+    sup = supervisors(env)
     pids = wait_until(lambda: read_pids(pids_file), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
     worker = psutil.Process(pids[0]).ppid()
     assert worker in sup.worker_pids()
@@ -258,12 +220,12 @@ def test_sigkill_of_a_worker_kills_its_program_and_the_programs_children(
 
 
 def test_sigkill_of_the_supervisor_kills_the_programs_too(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                                         tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                                         tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     pids_file = tmp_path / "pids"
     message_id = queue.send_message("x").id
     env = program_env(azurite, queue_name, str(PROGRAMS / "stubborn.sh"))
     env["PROG_PIDS"] = str(pids_file)
-    sup = start(env)
+    sup = supervisors(env)
     pids = wait_until(lambda: read_pids(pids_file), 10, lambda: f"the program to start; log:\n{sup.log()[-3000:]}")
     worker = psutil.Process(pids[0]).ppid()
     sup.send(signal.SIGKILL)  # the worker learns it from the kernel (parent-death signal) and abandons at once
@@ -273,12 +235,12 @@ def test_sigkill_of_the_supervisor_kills_the_programs_too(azurite: Azurite, queu
 
 
 def test_sigkill_of_a_worker_kills_what_a_python_handler_started(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     pid_file = tmp_path / "pid"
     queue.send_message("x")
     env = program_env(azurite, queue_name, "", workload_handler="testsupport.program_handlers:start_a_child")
     env["PROG_PIDS"] = str(pid_file)
-    sup = start(env)
+    sup = supervisors(env)
     child = wait_until(lambda: read_pids(pid_file), 10, lambda: f"the handler to start; log:\n{sup.log()[-3000:]}")[0]
     worker = psutil.Process(child).ppid()
     os.kill(worker, signal.SIGKILL)
@@ -291,14 +253,14 @@ def test_sigkill_of_a_worker_kills_what_a_python_handler_started(
 
 
 def test_a_64_kib_body_arrives_on_stdin_with_the_spot_environment(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     body = "".join(chr(33 + i % 90) for i in range(64 * 1024))
     message = queue.send_message(body)
     env = program_env(azurite, queue_name, f"{PROGRAMS / 'stdin_copy.sh'}")
     env["PROG_OUT"] = str(out)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: message_count(queue) == 0, 20, lambda: f"the message to be done; log:\n{sup.log()[-3000:]}")
     assert (out / message.id).read_text() == body
     seen = dict(line.split("=", 1) for line in (out / f"{message.id}.env").read_text().splitlines())
@@ -311,9 +273,9 @@ def test_a_64_kib_body_arrives_on_stdin_with_the_spot_environment(
 
 
 def test_a_program_printing_a_lot_is_logged_line_by_line_in_bounded_memory(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     message_id = queue.send_message("x").id
-    sup = start(program_env(azurite, queue_name, str(PROGRAMS / "chatty.sh")))
+    sup = supervisors(program_env(azurite, queue_name, str(PROGRAMS / "chatty.sh")))
     worker = next(iter(sup.wait_for_workers(1)))
     wait_until(lambda: message_count(queue) == 0, 60, lambda: f"the message to be done; log:\n{sup.log()[-3000:]}")
     peak_kb = int(next(line for line in Path(f"/proc/{worker}/status").read_text().splitlines()
@@ -332,14 +294,14 @@ def test_a_program_printing_a_lot_is_logged_line_by_line_in_bounded_memory(
 
 
 def test_scale_up_runs_one_program_per_thread(azurite: Azurite, queue: QueueClient, queue_name: str,
-                                              tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+                                              tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.txt"
     for i in range(4):
         queue.send_message(str(i))
     env = program_env(azurite, queue_name, str(PROGRAMS / "overlap.sh"), workload_mode="scale-up",
                       scaling_threads_per_core="4")
     env["PROG_EVENTS"] = str(events)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: message_count(queue) == 0, 30, lambda: f"every message to be done; log:\n{sup.log()[-3000:]}")
     runs = [line.split() for line in events.read_text().splitlines()]
     assert len(runs) == 4
@@ -351,7 +313,7 @@ def test_scale_up_runs_one_program_per_thread(azurite: Azurite, queue: QueueClie
 
 
 def test_gpu_pinning_applies_to_programs(azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path,
-                                         start: Callable[..., Supervisor]) -> None:
+                                         supervisors: Callable[..., Supervisor]) -> None:
     events = tmp_path / "events.txt"
     install(tmp_path / "bin", gpus=2)
     for i in range(6):
@@ -360,7 +322,7 @@ def test_gpu_pinning_applies_to_programs(azurite: Azurite, queue: QueueClient, q
                       scaling_workers_per_gpu="1", scaling_memory_per_worker_mb="0")
     env.update(PATH=str(tmp_path / "bin"), PROG_EVENTS=str(events))  # only the stand-in nvidia-smi
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    sup = start(env)
+    sup = supervisors(env)
     wait_until(lambda: message_count(queue) == 0, 30, lambda: f"every message to be done; log:\n{sup.log()[-3000:]}")
     pinned = {int(m[1]): m[4] for m in SPAWNED.finditer(sup.log())}  # worker pid -> its GPU's UUID
     assert sorted(pinned.values()) == sorted(uuids(2))

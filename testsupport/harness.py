@@ -165,3 +165,19 @@ def worker_settings(azurite: Azurite, name: str, **queue: Any) -> Settings:
                         workload=WorkloadSettings(handler=RECORD_HANDLER))
     validate(settings)
     return settings
+
+
+def program_env(azurite: Azurite, queue_name: str, command: str, **spot: str) -> dict[str, str]:
+    """child_env for a program as the handler: one worker, one message at a time, quick idle polls and drains."""
+    defaults = {"queue_batch_size": "1", "queue_visibility_timeout_s": "30", "shutdown_drain_timeout_s": "5",
+                "shutdown_kill_grace_s": "1", "queue_idle_poll_max_s": "0.2", "queue_prefetch_s": "0",
+                "scaling_workers": "1"}
+    return child_env(azurite, queue_name=queue_name, workload_command=command, **{**defaults, **spot})
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs nothing any more)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -9,16 +9,15 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 from azure.storage.queue import QueueClient
 
 from testsupport.azurite import Azurite
-from testsupport.harness import REPO, SUPERVISOR, Supervisor, child_env
+from testsupport.harness import REPO, SUPERVISOR, Supervisor, gone, program_env
 from testsupport.hostile.programs import (
     SECRETS_SCANNER,
     drop_all_capabilities,
@@ -36,44 +35,6 @@ from worker.programs.runner import ProgramHandler
 
 PROGRAMS = REPO / "tests" / "programs"
 
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
-    started: list[Supervisor] = []
-
-    def _start(env: dict[str, str], preexec_fn: Callable[[], None] | None = None) -> Supervisor:
-        sup = Supervisor(env, tmp_path, preexec_fn=preexec_fn)
-        started.append(sup)
-        return sup
-
-    try:
-        yield _start
-    finally:
-        for sup in started:
-            try:
-                tree = psutil.Process(sup.pid).children(recursive=True)
-            except psutil.Error:
-                tree = []
-            sup.cleanup()
-            for process in tree:
-                try:
-                    process.kill()
-                except psutil.Error:
-                    pass
-
-
-def program_env(azurite: Azurite, queue_name: str, command: str, **spot: str) -> dict[str, str]:
-    defaults = {"queue_batch_size": "1", "queue_visibility_timeout_s": "30", "shutdown_drain_timeout_s": "5",
-                "shutdown_kill_grace_s": "1", "queue_idle_poll_max_s": "0.2", "queue_prefetch_s": "0",
-                "scaling_workers": "1"}
-    return child_env(azurite, queue_name=queue_name, workload_command=command, **{**defaults, **spot})
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # --- secrets ---------------------------------------------------------------------------------------------
@@ -103,12 +64,12 @@ def assert_nothing_found(log: str, wanted: dict[str, str], protected: list[int])
 
 
 def test_no_secret_reaches_a_program_or_can_be_read_from_its_worker_or_supervisor(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     env, wanted = scanner_setup(azurite, queue_name, tmp_path)
     queue.send_message("x")
     # Root without capabilities: what any process of the supervisor's uid may read, its programs included
     # (the systemd unit's empty CapabilityBoundingSet makes the service exactly that).
-    sup = start(env, preexec_fn=drop_all_capabilities)
+    sup = supervisors(env, preexec_fn=drop_all_capabilities)
     wait_until(lambda: message_count(queue) == 0, 30, lambda: f"the scan to end; log:\n{sup.log()[-3000:]}")
     assert_nothing_found(sup.log(), wanted, [next(iter(sup.worker_pids())), sup.pid])
     sup.send(signal.SIGTERM)
@@ -146,7 +107,7 @@ def limit_memory() -> None:
                                               ("dev_zero", "checkpoint file is a symbolic link, not a regular file; not stored"),
                                               ("huge", "checkpoint file is over ")])
 def test_a_hostile_checkpoint_file_is_not_read_and_stalls_nothing(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor],
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor],
         kind: str, logged: str) -> None:
     """The run's outcome is its exit status (0: done); the checkpoint is not stored, with one line saying why;
     the worker goes on with the next message, and a drain is not held up."""
@@ -155,7 +116,7 @@ def test_a_hostile_checkpoint_file_is_not_read_and_stalls_nothing(
     env = program_env(azurite, queue_name, str(PROGRAMS / "hostile_checkpoint.sh"), queue_max_dequeue_count="1")
     env["PROG_OUT"] = str(out)
     hostile = queue.send_message(kind).id
-    sup = start(env, preexec_fn=limit_memory)
+    sup = supervisors(env, preexec_fn=limit_memory)
     pid_file = out / f"{hostile}.pid"
     pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 15,
                          lambda: f"the program to start; log:\n{sup.log()[-3000:]}"))
@@ -210,14 +171,14 @@ def test_why_not_runnable_accepts_what_the_kernel_runs(tmp_path: Path) -> None:
 
 
 def test_a_program_that_cannot_be_executed_at_run_time_is_released_never_failed(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     good = "#!/bin/sh\ncat > /dev/null\ntouch \"$PROG_OUT/$SPOT_MESSAGE_ID\"\n"
     program = write_script(tmp_path / "program.sh", good)
     env = program_env(azurite, queue_name, str(program), queue_max_dequeue_count="1", queue_retry_delay_s="0.5")
     env["PROG_OUT"] = str(out)
-    sup = start(env)
+    sup = supervisors(env)
     sup.wait_for_workers(1)
     sup.wait_for_log("ready: ")
     write_script(tmp_path / "broken.sh", "#!/no/such/interpreter\n").replace(program)  # after the start check
@@ -237,13 +198,13 @@ def test_a_program_that_cannot_be_executed_at_run_time_is_released_never_failed(
 
 
 def test_a_program_removing_its_run_directory_breaks_no_later_run_nor_the_drain(
-        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, tmp_path: Path, supervisors: Callable[..., Supervisor]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     env = program_env(azurite, queue_name, str(PROGRAMS / "hostile_rundir.sh"), queue_max_dequeue_count="1",
                       queue_retry_delay_s="0.5", shutdown_drain_timeout_s="10")
     env["PROG_OUT"] = str(out)
-    sup = start(env)
+    sup = supervisors(env)
     queue.send_message("rm")
     wait_until(lambda: message_count(queue) == 0, 20, lambda: f"the first message to be done; log:\n{sup.log()[-3000:]}")
     carry = queue.send_message("carry").id
@@ -267,9 +228,9 @@ def test_a_program_removing_its_run_directory_breaks_no_later_run_nor_the_drain(
 
 
 def test_control_characters_in_program_output_reach_the_log_escaped(
-        azurite: Azurite, queue: QueueClient, queue_name: str, start: Callable[..., Supervisor]) -> None:
+        azurite: Azurite, queue: QueueClient, queue_name: str, supervisors: Callable[..., Supervisor]) -> None:
     message_id = queue.send_message("x").id
-    sup = start(program_env(azurite, queue_name, str(PROGRAMS / "hostile_output.sh")))
+    sup = supervisors(program_env(azurite, queue_name, str(PROGRAMS / "hostile_output.sh")))
     wait_until(lambda: message_count(queue) == 0, 20, lambda: f"the message to be done; log:\n{sup.log()[-3000:]}")
     sup.send(signal.SIGTERM)
     assert sup.wait(10) == 0
