@@ -10,7 +10,9 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
+from supervisor.simulator.http_base import ServedOnThread
 from supervisor.simulator.server import ImdsSimulator
 
 log = logging.getLogger("supervisor.simulator")
@@ -25,32 +27,16 @@ def run(args: argparse.Namespace) -> int:
     sim = ImdsSimulator(args.host, args.port, vm_name=args.vm_name or "vm-spot-07",
                         vm_size=args.vm_size or "Standard_D2s_v3", priority=args.priority,
                         notice_s=30.0 if args.notice is None else args.notice)
-    try:
-        sim.start()
-    except OSError as exc:
-        print(f"imds simulator: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", flush=True)
-        return 1
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    def announce() -> None:
         print(f"imds simulator listening on {sim.url} (vm {sim.vm_name}, {sim.vm_size}, {sim.priority})", flush=True)
         print(f"  point the supervisor at it: SPOT_EVENTS_ENDPOINT={sim.url}", flush=True)
         if args.evict_after is not None:
             result = sim.simulate_eviction(delay_s=sim.notice_s, after_s=args.evict_after)
             log.info("eviction %s scheduled: appears in %gs, NotBefore %s", result["EventId"],
                      args.evict_after, result["NotBefore"])
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sim.stop()
-    print("imds simulator stopped", flush=True)
-    return 0
+
+    return serve_until_signalled(sim, "imds simulator", announce)
 
 
 def run_other_cloud(args: argparse.Namespace) -> int:
@@ -67,10 +53,23 @@ def run_other_cloud(args: argparse.Namespace) -> int:
     else:
         model = GcpMetadata(name=args.vm_name or "spot-render-07", machine_type=args.vm_size or "n2-standard-4", spot=spot)
     server = MetadataServer(model, args.host, args.port)
+
+    def announce() -> None:
+        print(f"{args.cloud} metadata simulator listening on {server.url}", flush=True)
+        print(f"  point the supervisor at it: SPOT_EVENTS_SOURCE={args.cloud} SPOT_EVENTS_ENDPOINT={server.url}", flush=True)
+        if args.evict_after is not None:
+            result = model.simulate_eviction(after_s=args.evict_after)
+            log.info("eviction scheduled in %gs: %s", args.evict_after, result)
+
+    return serve_until_signalled(server, f"{args.cloud} metadata simulator", announce)
+
+
+def serve_until_signalled(served: ServedOnThread, name: str, announce: Callable[[], None]) -> int:
+    """Serve in the foreground until SIGINT or SIGTERM; 1 when the address cannot be had."""
     try:
-        server.start()
+        served.start()
     except OSError as exc:
-        print(f"{args.cloud} metadata simulator: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", flush=True)
+        print(f"{name}: cannot listen on {served.host}:{served.port}: {exc.strerror or exc}", flush=True)
         return 1
     stop = threading.Event()
 
@@ -79,16 +78,12 @@ def run_other_cloud(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"{args.cloud} metadata simulator listening on {server.url}", flush=True)
-        print(f"  point the supervisor at it: SPOT_EVENTS_SOURCE={args.cloud} SPOT_EVENTS_ENDPOINT={server.url}", flush=True)
-        if args.evict_after is not None:
-            result = model.simulate_eviction(after_s=args.evict_after)
-            log.info("eviction scheduled in %gs: %s", args.evict_after, result)
+        announce()
         while not stop.wait(0.5):
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.stop()
-    print(f"{args.cloud} metadata simulator stopped", flush=True)
+        served.stop()
+    print(f"{name} stopped", flush=True)
     return 0
