@@ -2,7 +2,7 @@
 
 The stand-in nvidia-smi is a real executable run through subprocess; NVML is
 a fake module (no GPU or driver exists here), which covers its parsing and the
-fall-back. tests/test_gpu_supervisor.py runs the whole service.
+fall-back. tests/e2e/test_gpu_supervisor.py runs the whole service.
 """
 
 from __future__ import annotations

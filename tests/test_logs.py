@@ -1,7 +1,7 @@
 """Log lines: sd-daemon priority prefixes under journald, the plain format elsewhere;
 the version and commit in the supervisor's start-up line.
 
-journald itself is exercised by scripts/systemd-e2e.sh (tests/test_systemd_e2e.py):
+journald itself is exercised by scripts/systemd-e2e.sh (tests/e2e/test_systemd_e2e.py):
 there `journalctl -p warning` shows the drain deadline and `-p err` the configuration error.
 """
 

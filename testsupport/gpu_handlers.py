@@ -1,4 +1,4 @@
-"""Handlers for tests/test_gpu_supervisor.py (`testsupport.gpu_handlers:record`).
+"""Handlers for tests/e2e/test_gpu_supervisor.py (`testsupport.gpu_handlers:record`).
 
 Importing this module appends {"pid", "ppid", "cuda"} (CUDA_VISIBLE_DEVICES as the
 import saw it, None when unset) to the file GPU_IMPORTS: what a handler that

@@ -1,4 +1,4 @@
-"""Python handlers for tests/test_program.py (`testsupport.program_handlers:<name>`)."""
+"""Python handlers for tests/programs/test_program.py (`testsupport.program_handlers:<name>`)."""
 
 from __future__ import annotations
 

@@ -189,5 +189,5 @@ def test_an_eviction_drain_is_not_a_stop_for_systemd(start_evictable: Callable[.
         texts = collect()
         assert not any("STOPPING=1" in t.splitlines() for t in texts), texts
         assert any(f"STATUS=draining: Preempt {notice['EventId']}" in t for t in texts), texts
-        sup.proc.send_signal(signal.SIGTERM)  # (a stop's STOPPING=1: tests/test_supervisor.py)
+        sup.proc.send_signal(signal.SIGTERM)  # (a stop's STOPPING=1: tests/e2e/test_e2e_supervisor.py)
         assert sup.proc.wait(20) == 0

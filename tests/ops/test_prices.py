@@ -25,7 +25,7 @@ from supervisor.ops.prices import PriceQuote, PricesError, fetch_quote, quote_fr
 from supervisor.pool.metrics import SupervisorMetrics
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.azurite import Azurite
-from testsupport.harness import AZURE_FIXTURES, child_env
+from testsupport.harness import AZURE_FIXTURES, REPO, child_env
 from testsupport.net import free_port
 from testsupport.waiting import wait_until
 from worker.common.backoff import Backoff
@@ -104,7 +104,7 @@ def api() -> Iterator[RetailPrices]:
 def cli_env(tmp_path: Path, **spot: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOT_") and k != "STATE_DIRECTORY"}
     env.update({"STATE_DIRECTORY": str(tmp_path / "state"), "SPOT_EVENTS_SOURCE": "none",
-                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])})
+                "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])})
     env.update({f"SPOT_{k.upper()}": v for k, v in spot.items()})
     return env
 

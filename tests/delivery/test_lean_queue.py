@@ -1,7 +1,7 @@
 """The lean per-message queue path (worker.queue.lean over worker.queue.transport) against the real Azurite:
 each credential kind (Shared Key, SAS, a managed-identity token), the error meanings the worker acts on
 (403 backoff, 503 retried, lost lease), and requests signed as the SDK signs them (Azurite checks).
-The proxy from the environment: tests/test_queue_client.py (both clients); hostile answers: tests/attack/."""
+The proxy from the environment: tests/delivery/test_queue_client.py (both clients); hostile answers: tests/attack/."""
 
 from __future__ import annotations
 

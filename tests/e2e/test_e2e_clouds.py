@@ -16,7 +16,7 @@ from azure.storage.queue import QueueClient
 from supervisor.simulator.metadata_http import MetadataServer
 from supervisor.simulator.server import ImdsSimulator
 from testsupport.clouds import DMI, aws_sim, control, gcp_sim, start_on_cloud
-from testsupport.harness import Supervisor, processes_sample_work, run_plan, sample_results
+from testsupport.harness import REPO, Supervisor, processes_sample_work, run_plan, sample_results
 from testsupport.queues import enqueue_sample_work
 
 __all__ = ["aws_sim", "gcp_sim", "start_on_cloud"]  # fixtures
@@ -171,7 +171,7 @@ def test_gcp_maintenance_that_ends_resumes(
 def test_auto_picks_each_cloud_from_dmi_and_plan_names_it(
         supervisors: Callable[..., Supervisor], aws_sim: MetadataServer, gcp_sim: MetadataServer, tmp_path: Path) -> None:
     base = {"SPOT_QUEUE_CONNECTION_STRING": "UseDevelopmentStorage=true", "SPOT_COST_ENABLED": "false",
-            "SPOT_EVENTS_SOURCE": "auto", "PYTHONPATH": str(Path(__file__).parent.parent)}
+            "SPOT_EVENTS_SOURCE": "auto", "PYTHONPATH": str(REPO)}
     with ImdsSimulator(vm_name="vm-spot-07", vm_size="Standard_D4s_v5") as azure:
         expected = {"aws-nitro": (aws_sim.url, "aws", "i-0abc1234def567890", "m5.large"),
                     "aws-xen": (aws_sim.url, "aws", "i-0abc1234def567890", "m5.large"),

@@ -32,7 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "spot-supervisor.service"
 ORCHESTRATE = REPO / "orchestrate.sh"
 BUILD = REPO / "packaging" / "build.sh"
