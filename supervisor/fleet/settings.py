@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from worker.settings import DAY_S, ConfigError, require, require_between
+from worker.settings import DAY_S, ConfigError, http_url_problem, require, require_between
 
 TARGETS = ("queue", "fixed", "tag")
 ON_DEALLOCATED = ("restart", "replace")
@@ -59,8 +59,10 @@ def validate_fleet(f: FleetSettings, require_scale_sets: bool = False) -> None:
     require_between(f.interval_s, "fleet.interval_s", 0, DAY_S, low_inclusive=False)
     require(f.on_deallocated in ON_DEALLOCATED, "fleet.on_deallocated",
             f"must be one of: {', '.join(ON_DEALLOCATED)}; got {f.on_deallocated!r}")
-    require(f.arm_endpoint.startswith("https://"), "fleet.arm_endpoint",
-            f"must be an https URL (a bearer token never travels over plain HTTP), got {f.arm_endpoint!r}")
+    problem = http_url_problem(f.arm_endpoint)
+    require(f.arm_endpoint.startswith("https://") and problem is None, "fleet.arm_endpoint",
+            f"must be an https URL with a host (a bearer token never travels over plain HTTP)"
+            f"{f' ({problem})' if problem else ''}, got {f.arm_endpoint!r}")
     require(not f.client_id or bool(re.fullmatch(r"[0-9a-fA-F-]{36}", f.client_id)), "fleet.client_id",
             f"must be a managed identity's client ID (a GUID) or empty, got {f.client_id!r}")
     require_between(f.retire_when_idle_s, "fleet.retire_when_idle_s", 0, DAY_S, note=" (0 = never retire)")

@@ -107,6 +107,23 @@ CASES = [
     Bad("cost.enabled", '"sure"'),
     Bad("cost.prices_endpoint", '"file:///etc/passwd"'),
     Bad("cost.prices_endpoint", '"https://prices.azure.com:http/api"'),
+    # [fleet]: the per-VM service validates the section too (one file configures the keeper and the VMs)
+    Bad("fleet.scale_sets", '["vmss-a"]'),
+    Bad("fleet.scale_sets", '"/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/a"'),
+    Bad("fleet.target", '"whatever"'),
+    Bad("fleet.messages_per_vm", "0"),
+    Bad("fleet.vms", "-1"),
+    Bad("fleet.min_vms", "100000"),
+    Bad("fleet.max_vms", env="-3"),
+    Bad("fleet.interval_s", "0"),
+    Bad("fleet.on_deallocated", '"ignore"'),
+    Bad("fleet.arm_endpoint", '"http://management.azure.com"'),
+    Bad("fleet.arm_endpoint", '"https://"'),
+    Bad("fleet.client_id", '"not-a-guid"'),
+    Bad("fleet.retire_when_idle_s", "-1"),
+    Bad("fleet.allocation_cooldown_s", "0"),
+    Bad("fleet.allocation_cooldown_max_s", "1"),
+    Bad("fleet.request_timeout_s", "nan"),
 ]
 
 
